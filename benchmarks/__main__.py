@@ -1,0 +1,138 @@
+"""Run every op benchmark across providers: ``python -m benchmarks [--full] [--only NAME]``.
+
+Quick mode (the default) runs a reduced set of shapes so that the whole suite finishes in a few
+minutes on a CPU; ``--full`` runs the shapes the issues name. Results go to
+``benchmarks/results/<device>.json`` and ``.csv`` (appended per run) and a plot per op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import os
+import pkgutil
+import re
+import sys
+import time
+
+import torch
+
+from benchmarks.common import device_name
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-").lower()
+
+
+def _bench_modules(only):
+    names = sorted(m.name for m in pkgutil.iter_modules([os.path.dirname(__file__)]) if m.name.startswith("bench_"))
+    if only:
+        names = [n for n in names if any(o in n for o in only)]
+    return names
+
+
+def _print_rows(rows):
+    cols = ["op", "shape", "provider", "ms", "gbps", "pct_copy_bw", "tflops", "peak_mb", "speedup", "note"]
+    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+    table = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _plot(rows, path_prefix):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        print("(matplotlib not installed: no plot written)")
+        return
+    ops = sorted({r["op"] for r in rows})
+    for op in ops:
+        sub = [r for r in rows if r["op"] == op and r.get("ms") is not None]
+        if not sub:
+            continue
+        shapes = list(dict.fromkeys(r["shape"] for r in sub))
+        providers = list(dict.fromkeys(r["provider"] for r in sub))
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(shapes)), 4))
+        width = 0.8 / max(1, len(providers))
+        for i, prov in enumerate(providers):
+            ys = [next((r["ms"] for r in sub if r["shape"] == s and r["provider"] == prov), 0.0) for s in shapes]
+            ax.bar([x + i * width for x in range(len(shapes))], ys, width, label=prov)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))])
+        ax.set_xticklabels(shapes, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("median ms (log)")
+        ax.set_yscale("log")
+        ax.set_title(f"{op} on {device_name()}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(f"{path_prefix}-{_slug(op)}.png", dpi=100)
+        plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("--full", action="store_true", help="run the full shape grid named in the issues")
+    parser.add_argument("--only", nargs="*", default=None, help="substrings of bench module names to run")
+    parser.add_argument("--out", default=None, help="results file stem (default: results/<device>)")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+    args.quick = not args.full
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    dev = device_name()
+    print(f"ddiff benchmarks on {dev} ({'quick' if args.quick else 'full'} mode), torch {torch.__version__}")
+    if args.device == "cpu":
+        print("No GPU here: only the torch providers run; every triton row needs a CUDA device.")
+
+    all_rows = []
+    for name in _bench_modules(args.only):
+        mod = importlib.import_module(f"benchmarks.{name}")
+        print(f"\n== {name} ==")
+        started = time.time()
+        rows = mod.run(args)
+        for r in rows:
+            r.setdefault("device", dev)
+        _print_rows(rows)
+        print(f"({time.time() - started:.1f}s)")
+        all_rows.extend(rows)
+
+    if args.no_save or not all_rows:
+        return 0
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    stem = args.out or os.path.join(RESULTS_DIR, _slug(dev) + ("" if args.full else "-quick"))
+    record = {"device": dev, "torch": torch.__version__, "mode": "full" if args.full else "quick",
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv), "rows": all_rows}
+    try:
+        import triton
+
+        record["triton"] = triton.__version__
+    except Exception:
+        pass
+    with open(stem + ".json", "w") as f:
+        json.dump(record, f, indent=1)
+    keys = sorted({k for r in all_rows for k in r})
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(all_rows)
+    _plot(all_rows, stem)
+    print(f"\nwrote {stem}.json, {stem}.csv and plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

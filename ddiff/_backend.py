@@ -1,0 +1,47 @@
+"""Backend resolution shared by every op: ``"torch"`` | ``"triton"`` | ``"auto"``."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when triton imports (it does not on every platform)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor, *, extra=()) -> str:
+    """Pick the implementation for ``tensor``'s device.
+
+    ``"auto"`` is triton for CUDA tensors when triton imports, torch otherwise.
+    ``"triton"`` needs a CUDA tensor, or a CPU tensor with ``TRITON_INTERPRET=1``.
+    ``extra`` lists further accepted backend names (e.g. ``"flex"`` for attention).
+    """
+    allowed = BACKENDS + tuple(extra)
+    if not isinstance(backend, str) or backend not in allowed:
+        raise ValueError(f"`backend` must be one of {allowed}, got {backend!r}.")
+    if backend == "auto":
+        return "triton" if tensor.is_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' was requested but triton does not import on this machine.")
+        if not tensor.is_cuda and not (tensor.device.type == "cpu" and triton_interpreting()):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got a tensor on {tensor.device}); "
+                "for CPU tensors set TRITON_INTERPRET=1 before importing ddiff, or use backend='torch'."
+            )
+    return backend

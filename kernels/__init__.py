@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``ddiff.kernels``. Import lazily: triton may be absent."""
