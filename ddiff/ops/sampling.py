@@ -1,7 +1,227 @@
-"""Placeholder: being written."""
-def filter_logits(*args, **kwargs):
-    raise NotImplementedError
+"""Categorical sampling and top-k / top-p / min-p filtering: ``sample`` and ``filter_logits``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import custom_op, triton_op
+
+from ddiff._backend import resolve_backend, triton_interpreting
+from ddiff._params import RngArgs, check_logits, check_range, eager, rng_args, row_param, rows_of, seed_rows
+from ddiff.reference.sampling import filter_logits_reference, invalid_rows, sample_reference
+
+Tensor = torch.Tensor
 
 
-def sample(*args, **kwargs):
-    raise NotImplementedError
+def _wrap():
+    """wrap_triton lets torch.compile trace a launch; the interpreter needs the raw kernel."""
+    if triton_interpreting():
+        return lambda kernel: kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton
+
+
+def _raise_invalid_rows(bad: Tensor) -> None:
+    if eager() and bad.numel() and bool(bad.any()):
+        row = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"`logits` row {row} contains NaN or +inf (after dividing by the temperature) or is entirely -inf; "
+            "no distribution can be sampled from it."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops. Per-row parameters travel as (Tensor?, scalar) pairs.
+# ---------------------------------------------------------------------------------------------
+
+
+@custom_op("ddiff::sample_torch", mutates_args=())
+def _sample_torch(
+    logits: Tensor, temperature: Optional[Tensor], temperature_value: float,
+    top_k: Optional[Tensor], top_k_value: int, top_p: Optional[Tensor], top_p_value: float,
+    min_p: Optional[Tensor], min_p_value: float, seed: Optional[Tensor], seed_value: int, offset: int,
+) -> tuple[Tensor, Tensor]:
+    rows, device = logits.shape[0], logits.device
+    temp = rows_of(temperature, temperature_value, rows, torch.float32, device)
+    _raise_invalid_rows(invalid_rows(logits, temp))
+    seeds = seed_rows(RngArgs(seed, seed_value, offset), rows, device)
+    return sample_reference(
+        logits, temp, rows_of(top_k, top_k_value, rows, torch.int64, device),
+        rows_of(top_p, top_p_value, rows, torch.float32, device),
+        rows_of(min_p, min_p_value, rows, torch.float32, device), seeds, offset,
+    )
+
+
+@_sample_torch.register_fake
+def _(logits, *args):
+    rows = logits.shape[0]
+    return logits.new_empty(rows, dtype=torch.int64), logits.new_empty(rows, dtype=torch.float32)
+
+
+@triton_op("ddiff::sample_triton", mutates_args=())
+def _sample_triton(
+    logits: Tensor, temperature: Optional[Tensor], temperature_value: float,
+    top_k: Optional[Tensor], top_k_value: int, top_p: Optional[Tensor], top_p_value: float,
+    min_p: Optional[Tensor], min_p_value: float, seed: Optional[Tensor], seed_value: int, offset: int,
+    filtered: bool,
+) -> tuple[Tensor, Tensor]:
+    from ddiff.kernels import sampling as kernels
+
+    return kernels.sample(logits, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
+                          min_p, min_p_value, seed, seed_value, offset, filtered=filtered, wrap=_wrap())
+
+
+@custom_op("ddiff::filter_logits_torch", mutates_args=())
+def _filter_torch(logits: Tensor, top_k: Optional[Tensor], top_k_value: int, top_p: Optional[Tensor],
+                  top_p_value: float, min_p: Optional[Tensor], min_p_value: float) -> Tensor:
+    rows, device = logits.shape[0], logits.device
+    _raise_invalid_rows(invalid_rows(logits, torch.ones(rows, device=device)))
+    return filter_logits_reference(
+        logits, rows_of(top_k, top_k_value, rows, torch.int64, device),
+        rows_of(top_p, top_p_value, rows, torch.float32, device),
+        rows_of(min_p, min_p_value, rows, torch.float32, device),
+    )
+
+
+@_filter_torch.register_fake
+def _(logits, *args):
+    return torch.empty_like(logits)
+
+
+@triton_op("ddiff::filter_logits_triton", mutates_args=())
+def _filter_triton(logits: Tensor, top_k: Optional[Tensor], top_k_value: int, top_p: Optional[Tensor],
+                   top_p_value: float, min_p: Optional[Tensor], min_p_value: float) -> tuple[Tensor, Tensor]:
+    from ddiff.kernels import sampling as kernels
+
+    return kernels.filter_logits(logits, top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, wrap=_wrap())
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _filter_params(top_k, top_p, min_p, rows: int, device):
+    """Check and normalise the three filters; returns ((k, k0), (p, p0), (m, m0))."""
+    k = row_param("top_k", top_k, rows, device, integer=True, default=0)
+    check_range("top_k", k[0], k[1], 0, None)
+    p = row_param("top_p", top_p, rows, device, integer=False, default=1.0)
+    check_range("top_p", p[0], p[1], 0.0, 1.0, low_open=True)
+    m = row_param("min_p", min_p, rows, device, integer=False, default=0.0)
+    check_range("min_p", m[0], m[1], 0.0, 1.0)
+    return k, p, m
+
+
+def _filters_active(k, p, m, vocab: int) -> bool:
+    if k[0] is not None or p[0] is not None or m[0] is not None:
+        return True
+    return 0 < k[1] < vocab or p[1] < 1.0 or m[1] > 0.0
+
+
+def filter_logits(logits: Tensor, top_k=None, top_p=None, min_p=None, *, backend: str = "auto") -> Tensor:
+    """Apply top-k, then top-p, then min-p filtering; filtered entries become ``-inf``.
+
+    The semantics are transformers' ``TopKLogitsWarper`` -> ``TopPLogitsWarper`` ->
+    ``MinPLogitsWarper`` (``min_tokens_to_keep=1``), each applied to what the one before
+    left, computed in fp32 whatever the input dtype. **Ties are kept**: every token equal to
+    the k-th largest logit survives top-k, and every token tied with the last token top-p
+    keeps survives top-p (transformers keeps an arbitrary part of such a tie, decided by its
+    sort order). Formally, a token survives top-p iff the probability mass of the tokens
+    strictly above it is below ``top_p``, and survives min-p iff its probability is at least
+    ``min_p`` times the largest one.
+
+    Args:
+        logits: ``[..., V]`` float32 / float16 / bfloat16, any leading dims (rows are the
+            flattened leading dims), any strides.
+        top_k: int or int tensor ``[R]``; ``None``, 0 or ``>= V`` keep everything.
+        top_p: float in (0, 1] or float tensor ``[R]``; ``None`` or 1.0 keep everything.
+        min_p: float in [0, 1] or float tensor ``[R]``; ``None`` or 0 keep everything.
+        backend: ``"auto"`` (triton for CUDA tensors), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        A new tensor with the shape and dtype of ``logits``.
+
+    Raises:
+        TypeError / ValueError naming the argument for bad dtypes, ranges, shapes or devices,
+        and ValueError for a row with NaN / +inf or one that is entirely ``-inf``.
+
+    Example:
+        >>> logits = torch.tensor([[3.0, 1.0, 1.0, 0.0]])
+        >>> ddiff.filter_logits(logits, top_k=2)  # both tokens tied at the boundary stay
+        tensor([[3., 1., 1., -inf]])
+    """
+    logits2d = check_logits(logits)
+    rows, vocab = logits2d.shape
+    k, p, m = _filter_params(top_k, top_p, min_p, rows, logits.device)
+    impl = resolve_backend(backend, logits)
+    if impl == "torch":
+        out = torch.ops.ddiff.filter_logits_torch(logits2d, k[0], k[1], p[0], p[1], m[0], m[1])
+    else:
+        out, bad = torch.ops.ddiff.filter_logits_triton(logits2d, k[0], k[1], p[0], p[1], m[0], m[1])
+        _raise_invalid_rows(bad.bool())
+    return out.view(logits.shape)
+
+
+def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, *, seed=None, offset: int = 0,
+           generator: Optional[torch.Generator] = None, return_probs: bool = False, backend: str = "auto"):
+    """Draw one token per row from ``softmax(filter_logits(logits / temperature))``.
+
+    One fused pass over each row: the logits are read in their own dtype, tempered and
+    filtered in fp32 (see :func:`filter_logits`, whose tie rule applies; the filters see the
+    tempered logits, as in transformers' warper chain), and sampled with the Gumbel-max trick,
+    without materialising noise, probabilities or a filtered tensor.
+
+    Randomness is counter-based: a draw depends only on ``(seed, offset, row, column)``, so it
+    does not change with block sizes, launch configuration, or the other rows of the batch.
+    The torch and triton backends draw **the same noise** (Philox4x32-10, see
+    ``ddiff.reference.rng``), so a seed gives the same tokens on both, up to float near-ties.
+    The race is hierarchical and exact: a Gumbel race over noise tiles of 1024 columns
+    (weighted by each tile's log-sum-exp) picks a tile, and a race inside it picks the token.
+    Uniforms carry 48 random bits and reach down to 2^-52, so the Gumbel tail is not cut at
+    ~16.6 as with 24-bit fp32 uniforms (the reason LLaDA uses float64 noise).
+
+    Args:
+        logits: ``[..., V]`` float32 / float16 / bfloat16; rows are the flattened leading dims.
+        temperature: float >= 0 or float tensor ``[R]``. 0 means greedy: the first maximal
+            index, as ``torch.argmax``; zeros may be mixed with positive values per row.
+        top_k, top_p, min_p: filters as in :func:`filter_logits` (scalar or ``[R]``).
+        seed: int, or int64 tensor ``[R]`` of per-row seeds (honoured per row).
+        offset: int in [0, 2^56): advance it between calls that share a seed.
+        generator: draw the seed from this generator instead. With neither ``seed`` nor
+            ``generator`` the seed comes from torch's default generator, so
+            ``torch.manual_seed`` makes runs repeat.
+        return_probs: also return the fp32 probability of each chosen token under the
+            sampling distribution. For greedy rows it is the token's probability under the
+            filtered softmax at temperature 1 (the convention of Dream's ``sample_tokens``).
+        backend: ``"auto"`` | ``"torch"`` | ``"triton"``.
+
+    Returns:
+        ``tokens`` (int64, shape ``logits.shape[:-1]``), or ``(tokens, probs)``.
+
+    Example:
+        >>> logits = torch.randn(4, 32000, device="cuda", dtype=torch.bfloat16)
+        >>> tokens, probs = ddiff.sample(logits, temperature=0.7, top_p=0.9, seed=0, return_probs=True)
+    """
+    logits2d = check_logits(logits)
+    rows, vocab = logits2d.shape
+    device = logits.device
+    temp = row_param("temperature", temperature, rows, device, integer=False, default=1.0)
+    check_range("temperature", temp[0], temp[1], 0.0, None)
+    k, p, m = _filter_params(top_k, top_p, min_p, rows, device)
+    if not isinstance(return_probs, bool):
+        raise TypeError(f"`return_probs` must be a bool, got {type(return_probs).__name__}.")
+    rng = rng_args(seed, offset, generator, rows, device)
+    impl = resolve_backend(backend, logits)
+
+    args = (logits2d, temp[0], temp[1], k[0], k[1], p[0], p[1], m[0], m[1], rng.seed, rng.seed_value, rng.offset)
+    if impl == "torch":
+        tokens, probs = torch.ops.ddiff.sample_torch(*args)
+    else:
+        tokens, probs = torch.ops.ddiff.sample_triton(*args, _filters_active(k, p, m, vocab))
+        _raise_invalid_rows(tokens < 0)
+    tokens = tokens.view(logits.shape[:-1])
+    if return_probs:
+        return tokens, probs.view(logits.shape[:-1])
+    return tokens

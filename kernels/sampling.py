@@ -1,0 +1,473 @@
+"""Fused categorical sampling and top-k / top-p / min-p filtering.
+
+Semantics: ``ddiff.reference.sampling`` (the torch reference). Layout of the work:
+
+* Unfiltered ``sample``: one pass over the row. Each noise tile contributes its log-sum-exp
+  plus one Gumbel draw to a tile race, and to the row's online max / normaliser / argmax. A
+  row may be split over several programs (small batches); a finalize kernel merges the
+  partial states, re-reads the winning tile and runs the per-column race inside it. So a row
+  costs ``V / NOISE_TILE + NOISE_TILE`` Philox calls instead of ``V``.
+* Filtering: no sort. The kept set is always ``{key(l) >= threshold}`` (plus the min-p
+  test), where ``key`` is the order-preserving integer image of the logit. The threshold is
+  found by a multi-pivot search: every pass over the row counts (top-k) or weighs (top-p)
+  the tokens above ``NUM_PIVOTS`` pivots at once and narrows the key interval ~17-fold, so
+  bf16 / fp16 rows need at most 4 / 5 passes and fp32 rows 8. The search runs on the key of
+  the input dtype (``KEY_SHIFT`` drops the mantissa bits that dtype cannot have), and its
+  result is exact: the ``k``-th largest logit, ties kept.
+* Filtered ``sample`` fuses filter and race: it never writes a filtered tensor.
+
+All offsets into the logits are int64 (``row * stride`` passes 2^31 at large B x V).
+"""
+
+import triton
+import triton.language as tl
+
+from ddiff.kernels.rng import philox_gumbel, rng_counter_hi, rng_key
+from ddiff.reference.rng import NOISE_TILE, STREAM_TILE, STREAM_TOKEN
+
+NUM_PIVOTS = 16
+SEARCH_BLOCK = 1024
+_NEG_INF = float("-inf")
+
+
+@triton.jit
+def _order_key(x, KEY_SHIFT: tl.constexpr):
+    """Order-preserving int64 key of fp32 values (-0.0 folded onto +0.0)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (key >> KEY_SHIFT).to(tl.int64)
+
+
+@triton.jit
+def _load_param(ptr, row, value, HAS_TENSOR: tl.constexpr):
+    """Row ``row`` of a per-row parameter tensor, or the scalar shared by every row."""
+    if HAS_TENSOR:
+        return tl.load(ptr + row)
+    else:
+        # Adding a typed zero turns a Python scalar (interpreter) and a scalar argument
+        # (compiled) alike into a typed scalar.
+        return value + tl.zeros([], ptr.dtype.element_ty)
+
+
+@triton.jit
+def _row_stats(row_ptr, V, temp, KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass: max of z = x / temp, min / max key, first argmax, and an invalid-row flag."""
+    cols0 = tl.arange(0, BLOCK)
+    z_max = tl.full([], _NEG_INF, tl.float32)
+    arg = tl.full([], 0, tl.int64)
+    key_min = tl.full([], 2**40, tl.int64)
+    key_max = tl.full([], -(2**40), tl.int64)
+    bad = tl.full([], 0, tl.int32)
+    all_neg_inf = tl.full([], 1, tl.int32)
+    for start in range(0, V, BLOCK):
+        cols = start + cols0
+        inb = cols < V
+        x = tl.load(row_ptr + cols, mask=inb, other=_NEG_INF).to(tl.float32)
+        z = x / temp
+        bad = bad | tl.max(((z != z) | (z == float("inf"))).to(tl.int32), 0)
+        all_neg_inf = all_neg_inf & tl.min(tl.where(inb, (x == _NEG_INF).to(tl.int32), 1), 0)
+        key = _order_key(x, KEY_SHIFT)
+        key_min = tl.minimum(key_min, tl.min(tl.where(inb, key, 2**40), 0))
+        key_max = tl.maximum(key_max, tl.max(tl.where(inb, key, -(2**40)), 0))
+        tile_max = tl.max(z, 0)
+        tile_arg = tl.argmax(z, 0).to(tl.int64) + start
+        arg = tl.where(tile_max > z_max, tile_arg, arg)
+        z_max = tl.maximum(z_max, tile_max)
+    return z_max, arg, key_min, key_max, bad | all_neg_inf
+
+
+@triton.jit
+def _search_threshold(row_ptr, V, lo, hi, target, key_floor, z_max, temp,
+                      USE_MASS: tl.constexpr, KEY_SHIFT: tl.constexpr,
+                      NUM_PIVOTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Largest key ``t`` in ``[lo, hi)`` with ``f(t) >= target``.
+
+    ``f(t)`` counts (or, with ``USE_MASS``, sums ``exp(z - z_max)`` over) the tokens whose key
+    is ``>= max(t, key_floor)``. ``f`` is non-increasing, ``f(lo) >= target`` and
+    ``f(hi) < target`` on entry, so the result is the key of an actual token.
+    """
+    piv_ids = tl.arange(0, NUM_PIVOTS).to(tl.int64) + 1
+    cols0 = tl.arange(0, BLOCK)
+    passes = 0
+    while (hi - lo > 1) & (passes < 40):
+        pivots = lo + ((hi - lo) * piv_ids) // (NUM_PIVOTS + 1)
+        acc = tl.zeros([NUM_PIVOTS], tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + cols0
+            inb = cols < V
+            x = tl.load(row_ptr + cols, mask=inb, other=_NEG_INF).to(tl.float32)
+            key = _order_key(x, KEY_SHIFT)
+            live = inb & (key >= key_floor)
+            if USE_MASS:
+                w = tl.where(live, tl.exp(x / temp - z_max), 0.0)
+            else:
+                w = live.to(tl.float32)
+            above = key[None, :] >= pivots[:, None]
+            acc += tl.sum(tl.where(above, w[None, :], 0.0), 1)
+        ok = acc >= target
+        lo = tl.max(tl.where(ok, pivots, lo), 0)
+        hi = tl.min(tl.where(ok, hi, pivots), 0)
+        passes += 1
+    return lo
+
+
+@triton.jit
+def _filter_threshold(row_ptr, V, temp, z_max, key_min, key_max, top_k, top_p,
+                      KEY_SHIFT: tl.constexpr, NUM_PIVOTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Key threshold of top-k followed by top-p (ties kept); ``key_min`` when both are no-ops."""
+    key_k = key_min
+    if (top_k > 0) & (top_k < V):
+        key_k = _search_threshold(row_ptr, V, key_min, key_max + 1, top_k.to(tl.float32), key_min,
+                                  z_max, temp, False, KEY_SHIFT, NUM_PIVOTS, BLOCK)
+    key_p = key_k
+    if top_p < 1.0:
+        cols0 = tl.arange(0, BLOCK)
+        mass_k = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + cols0
+            inb = cols < V
+            x = tl.load(row_ptr + cols, mask=inb, other=_NEG_INF).to(tl.float32)
+            live = inb & (_order_key(x, KEY_SHIFT) >= key_k)
+            mass_k += tl.where(live, tl.exp(x / temp - z_max), 0.0)
+        target = top_p * tl.sum(mass_k, 0)
+        key_p = _search_threshold(row_ptr, V, key_k, key_max + 1, target, key_k,
+                                  z_max, temp, True, KEY_SHIFT, NUM_PIVOTS, BLOCK)
+    return key_p
+
+
+@triton.jit
+def _race_in_tile(row_ptr, V, tile, temp, key_floor, min_p, z_max, k0, k1, c2, c3, row,
+                  KEY_SHIFT: tl.constexpr, NOISE_TILE: tl.constexpr):
+    """Per-column Gumbel race inside one noise tile over the kept tokens; returns the column."""
+    cols = tile * NOISE_TILE + tl.arange(0, NOISE_TILE)
+    inb = cols < V
+    x = tl.load(row_ptr + cols, mask=inb, other=_NEG_INF).to(tl.float32)
+    z = x / temp
+    kept = inb & (_order_key(x, KEY_SHIFT) >= key_floor) & (tl.exp(z - z_max) >= min_p)
+    score = tl.where(kept, z + philox_gumbel(k0, k1, c2, c3, row, cols), _NEG_INF)
+    return tl.minimum(tile * NOISE_TILE + tl.argmax(score, 0).to(tl.int64), V - 1)
+
+
+@triton.jit
+def _sample_partial_kernel(
+    logits_ptr, stride_row, V, num_tiles, tiles_per_part,
+    temp_ptr, temp_value, seed_ptr, seed_stride, seed_value, offset,
+    part_max_ptr, part_sum_ptr, part_score_ptr, part_tile_ptr, part_arg_ptr, part_bad_ptr,
+    HAS_TEMP: tl.constexpr, HAS_SEED: tl.constexpr, NOISE_TILE: tl.constexpr,
+):
+    """Unfiltered sampling, phase 1: one (row, part) program over a run of noise tiles."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    num_parts = tl.num_programs(1)
+    row_ptr = logits_ptr + row * stride_row
+    temp = _load_param(temp_ptr, row, temp_value, HAS_TEMP).to(tl.float32)
+    temp = tl.where(temp == 0.0, 1.0, temp)
+    if HAS_SEED:
+        seed = tl.load(seed_ptr + row * seed_stride)
+    else:
+        seed = seed_value
+    k0, k1 = rng_key(seed)
+    c2, c3 = rng_counter_hi(offset, STREAM_TILE)
+
+    tile_begin = part * tiles_per_part
+    tile_end = tl.minimum(tile_begin + tiles_per_part, num_tiles)
+    cols0 = tl.arange(0, NOISE_TILE)
+    run_max = tl.full([], _NEG_INF, tl.float32)
+    run_sum = tl.full([], 0.0, tl.float32)
+    best_score = tl.full([], _NEG_INF, tl.float32)
+    best_tile = tile_begin + tl.zeros([], tl.int32)
+    arg = tl.full([], 0, tl.int64)
+    bad = tl.full([], 0, tl.int32)
+    finite = tl.full([], 0, tl.int32)
+    for tile in range(tile_begin, tile_end):
+        cols = tile * NOISE_TILE + cols0
+        inb = cols < V
+        x = tl.load(row_ptr + cols, mask=inb, other=_NEG_INF).to(tl.float32)
+        z = x / temp
+        bad = bad | tl.max(((z != z) | (z == float("inf"))).to(tl.int32), 0)
+        tile_max = tl.max(z, 0)
+        has_mass = tile_max > _NEG_INF
+        finite = finite | has_mass.to(tl.int32)
+        safe_max = tl.where(has_mass, tile_max, 0.0)
+        tile_sum = tl.sum(tl.exp(z - safe_max), 0)
+        tile_lse = tl.where(has_mass, safe_max + tl.log(tile_sum), _NEG_INF)
+        score = tile_lse + philox_gumbel(k0, k1, c2, c3, row, tile)
+        better = score > best_score
+        best_tile = tl.where(better, tile, best_tile)
+        best_score = tl.where(better, score, best_score)
+        tile_arg = tl.argmax(z, 0).to(tl.int64) + tile * NOISE_TILE
+        arg = tl.where(tile_max > run_max, tile_arg, arg)
+        new_max = tl.maximum(run_max, tile_max)
+        safe_new = tl.where(new_max > _NEG_INF, new_max, 0.0)
+        run_sum = run_sum * tl.exp(run_max - safe_new) + tile_sum * tl.exp(safe_max - safe_new) * has_mass.to(tl.float32)
+        run_max = new_max
+    slot = row * num_parts + part
+    tl.store(part_max_ptr + slot, run_max)
+    tl.store(part_sum_ptr + slot, run_sum)
+    tl.store(part_score_ptr + slot, best_score)
+    tl.store(part_tile_ptr + slot, best_tile)
+    tl.store(part_arg_ptr + slot, arg)
+    tl.store(part_bad_ptr + slot, bad | (finite << 1))
+
+
+@triton.jit
+def _sample_finalize_kernel(
+    logits_ptr, stride_row, V, num_parts,
+    temp_ptr, temp_value, seed_ptr, seed_stride, seed_value, offset,
+    part_max_ptr, part_sum_ptr, part_score_ptr, part_tile_ptr, part_arg_ptr, part_bad_ptr,
+    tokens_ptr, probs_ptr,
+    HAS_TEMP: tl.constexpr, HAS_SEED: tl.constexpr, NOISE_TILE: tl.constexpr, PARTS_BLOCK: tl.constexpr,
+):
+    """Unfiltered sampling, phase 2: merge the parts, race inside the winning tile."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    raw_temp = _load_param(temp_ptr, row, temp_value, HAS_TEMP).to(tl.float32)
+    greedy = raw_temp == 0.0
+    temp = tl.where(greedy, 1.0, raw_temp)
+
+    parts = tl.arange(0, PARTS_BLOCK)
+    live = parts < num_parts
+    slot = row * num_parts + parts
+    p_max = tl.load(part_max_ptr + slot, mask=live, other=_NEG_INF)
+    p_sum = tl.load(part_sum_ptr + slot, mask=live, other=0.0)
+    p_score = tl.load(part_score_ptr + slot, mask=live, other=_NEG_INF)
+    p_tile = tl.load(part_tile_ptr + slot, mask=live, other=0)
+    p_arg = tl.load(part_arg_ptr + slot, mask=live, other=0)
+    p_flags = tl.load(part_bad_ptr + slot, mask=live, other=0)
+
+    z_max = tl.max(p_max, 0)
+    safe_max = tl.where(z_max > _NEG_INF, z_max, 0.0)
+    norm = tl.sum(p_sum * tl.exp(p_max - safe_max), 0)
+    first_max_part = tl.min(tl.where(p_max == z_max, parts, PARTS_BLOCK), 0)
+    arg = tl.sum(tl.where(parts == first_max_part, p_arg, 0), 0)
+    win_part = tl.argmax(p_score, 0)
+    tile = tl.sum(tl.where(parts == win_part, p_tile, 0), 0)
+    bad = (tl.max(p_flags & 1, 0) != 0) | (tl.max(p_flags >> 1, 0) == 0)
+
+    if HAS_SEED:
+        seed = tl.load(seed_ptr + row * seed_stride)
+    else:
+        seed = seed_value
+    k0, k1 = rng_key(seed)
+    c2, c3 = rng_counter_hi(offset, STREAM_TOKEN)
+    key_floor = tl.full([], -(2**40), tl.int64)
+    raced = _race_in_tile(row_ptr, V, tile, temp, key_floor, 0.0, safe_max, k0, k1, c2, c3, row, 0, NOISE_TILE)
+    token = tl.where(greedy, arg, raced)
+    token = tl.minimum(tl.maximum(token, 0), V - 1)
+    z_tok = tl.load(row_ptr + token).to(tl.float32) / temp
+    prob = tl.exp(z_tok - safe_max) / norm
+    tl.store(tokens_ptr + row, tl.where(bad, -1, token))
+    tl.store(probs_ptr + row, tl.where(bad, float("nan"), prob))
+
+
+@triton.jit
+def _filtered_sample_kernel(
+    logits_ptr, stride_row, V, num_tiles,
+    temp_ptr, temp_value, top_k_ptr, top_k_value, top_p_ptr, top_p_value, min_p_ptr, min_p_value,
+    seed_ptr, seed_stride, seed_value, offset,
+    tokens_ptr, probs_ptr,
+    HAS_TEMP: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
+    HAS_SEED: tl.constexpr, KEY_SHIFT: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+    SEARCH_BLOCK: tl.constexpr, NOISE_TILE: tl.constexpr,
+):
+    """Filtered sampling, one program per row: stats, threshold search, tile race, token race."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    raw_temp = _load_param(temp_ptr, row, temp_value, HAS_TEMP).to(tl.float32)
+    greedy = raw_temp == 0.0
+    temp = tl.where(greedy, 1.0, raw_temp)
+    top_k = _load_param(top_k_ptr, row, top_k_value, HAS_TOP_K).to(tl.int64)
+    top_p = _load_param(top_p_ptr, row, top_p_value, HAS_TOP_P).to(tl.float32)
+    min_p = _load_param(min_p_ptr, row, min_p_value, HAS_MIN_P).to(tl.float32)
+
+    z_max, arg, key_min, key_max, bad = _row_stats(row_ptr, V, temp, KEY_SHIFT, SEARCH_BLOCK)
+    safe_max = tl.where(z_max > _NEG_INF, z_max, 0.0)
+    key_floor = key_min
+    if bad == 0:
+        key_floor = _filter_threshold(row_ptr, V, temp, safe_max, key_min, key_max, top_k, top_p,
+                                      KEY_SHIFT, NUM_PIVOTS, SEARCH_BLOCK)
+
+    if HAS_SEED:
+        seed = tl.load(seed_ptr + row * seed_stride)
+    else:
+        seed = seed_value
+    k0, k1 = rng_key(seed)
+    c2, c3 = rng_counter_hi(offset, STREAM_TILE)
+    cols0 = tl.arange(0, NOISE_TILE)
+    norm = tl.full([], 0.0, tl.float32)
+    best_score = tl.full([], _NEG_INF, tl.float32)
+    best_tile = tl.full([], 0, tl.int32)
+    for tile in range(0, num_tiles):
+        cols = tile * NOISE_TILE + cols0
+        inb = cols < V
+        x = tl.load(row_ptr + cols, mask=inb, other=_NEG_INF).to(tl.float32)
+        e = tl.exp(x / temp - safe_max)
+        kept = inb & (_order_key(x, KEY_SHIFT) >= key_floor) & (e >= min_p)
+        e = tl.where(kept, e, 0.0)
+        tile_sum = tl.sum(e, 0)
+        norm += tile_sum
+        # Tile log-sum-exp relative to the row max: the shift is common to every tile.
+        tile_lse = tl.where(tile_sum > 0.0, tl.log(tl.where(tile_sum > 0.0, tile_sum, 1.0)), _NEG_INF)
+        score = tile_lse + philox_gumbel(k0, k1, c2, c3, row, tile)
+        better = score > best_score
+        best_tile = tl.where(better, tile, best_tile)
+        best_score = tl.where(better, score, best_score)
+
+    c2, c3 = rng_counter_hi(offset, STREAM_TOKEN)
+    raced = _race_in_tile(row_ptr, V, best_tile, temp, key_floor, min_p, safe_max, k0, k1, c2, c3, row,
+                          KEY_SHIFT, NOISE_TILE)
+    token = tl.where(greedy, arg, raced)
+    token = tl.minimum(tl.maximum(token, 0), V - 1)
+    z_tok = tl.load(row_ptr + token).to(tl.float32) / temp
+    prob = tl.exp(z_tok - safe_max) / norm
+    tl.store(tokens_ptr + row, tl.where(bad != 0, -1, token))
+    tl.store(probs_ptr + row, tl.where(bad != 0, float("nan"), prob))
+
+
+@triton.jit
+def _filter_logits_kernel(
+    logits_ptr, stride_row, out_ptr, out_stride_row, bad_ptr, V,
+    top_k_ptr, top_k_value, top_p_ptr, top_p_value, min_p_ptr, min_p_value,
+    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
+    KEY_SHIFT: tl.constexpr, NUM_PIVOTS: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
+):
+    """filter_logits, one program per row: stats, threshold search, masked copy."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    out_row_ptr = out_ptr + row * out_stride_row
+    top_k = _load_param(top_k_ptr, row, top_k_value, HAS_TOP_K).to(tl.int64)
+    top_p = _load_param(top_p_ptr, row, top_p_value, HAS_TOP_P).to(tl.float32)
+    min_p = _load_param(min_p_ptr, row, min_p_value, HAS_MIN_P).to(tl.float32)
+    one = tl.full([], 1.0, tl.float32)
+
+    z_max, arg, key_min, key_max, bad = _row_stats(row_ptr, V, one, KEY_SHIFT, SEARCH_BLOCK)
+    safe_max = tl.where(z_max > _NEG_INF, z_max, 0.0)
+    key_floor = key_min
+    if bad == 0:
+        key_floor = _filter_threshold(row_ptr, V, one, safe_max, key_min, key_max, top_k, top_p,
+                                      KEY_SHIFT, NUM_PIVOTS, SEARCH_BLOCK)
+    cols0 = tl.arange(0, SEARCH_BLOCK)
+    for start in range(0, V, SEARCH_BLOCK):
+        cols = start + cols0
+        inb = cols < V
+        raw = tl.load(row_ptr + cols, mask=inb, other=_NEG_INF)
+        x = raw.to(tl.float32)
+        kept = (_order_key(x, KEY_SHIFT) >= key_floor) & (tl.exp(x - safe_max) >= min_p)
+        tl.store(out_row_ptr + cols, tl.where(kept, raw, float("-inf")).to(raw.dtype), mask=inb)
+    tl.store(bad_ptr + row, bad.to(tl.int8))
+
+
+# --------------------------------------------------------------------------------------------
+# Host launchers. ``wrap`` is torch.library.wrap_triton when the caller is a triton_op, so
+# torch.compile can trace the launches; the identity otherwise.
+# --------------------------------------------------------------------------------------------
+
+import torch  # noqa: E402
+
+KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
+_TARGET_PROGRAMS_PER_SM = 2
+
+
+def _identity(kernel):
+    return kernel
+
+
+def _param_args(tensor, value, dummy):
+    return (tensor if tensor is not None else dummy), value, tensor is not None
+
+
+def _num_parts(rows: int, num_tiles: int, device: torch.device) -> int:
+    """Programs per row for the unfiltered path: enough to fill the GPU at small batch."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = _TARGET_PROGRAMS_PER_SM * sms
+    if rows >= want:
+        return 1
+    return max(1, min(num_tiles, -(-want // rows)))
+
+
+def sample(logits2d, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
+           min_p, min_p_value, seed, seed_value, offset, *, filtered: bool, num_parts=None, wrap=_identity):
+    """Launch the sampling kernels on a [R, V] view with unit column stride.
+
+    Per-row parameters are ``[R]`` tensors (float32 / int64) or ``None`` with the scalar in
+    ``*_value``; ``seed`` is an int64 tensor of R or 1 entries, or ``None`` with ``seed_value``.
+    Returns ``(tokens int64 [R], probs fp32 [R])``; rows that are invalid (NaN / +inf / all
+    -inf) get token -1.
+    """
+    rows, vocab = logits2d.shape
+    device = logits2d.device
+    tokens = torch.empty(rows, dtype=torch.int64, device=device)
+    probs = torch.empty(rows, dtype=torch.float32, device=device)
+    if rows == 0:
+        return tokens, probs
+    dummy_f = torch.empty(1, dtype=torch.float32, device=device)
+    dummy_i = torch.empty(1, dtype=torch.int64, device=device)
+    temp_args = _param_args(temperature, temperature_value, dummy_f)
+    seed_args = (seed if seed is not None else dummy_i,
+                 0 if seed is None or seed.numel() == 1 else 1, seed_value)
+    num_tiles = triton.cdiv(vocab, NOISE_TILE)
+    stride = logits2d.stride(0)
+
+    if filtered:
+        wrap(_filtered_sample_kernel)[(rows,)](
+            logits2d, stride, vocab, num_tiles,
+            temp_args[0], temp_args[1],
+            *_param_args(top_k, top_k_value, dummy_i)[:2],
+            *_param_args(top_p, top_p_value, dummy_f)[:2],
+            *_param_args(min_p, min_p_value, dummy_f)[:2],
+            *seed_args, offset, tokens, probs,
+            HAS_TEMP=temperature is not None, HAS_TOP_K=top_k is not None,
+            HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None, HAS_SEED=seed is not None,
+            KEY_SHIFT=KEY_SHIFT[logits2d.dtype], NUM_PIVOTS=NUM_PIVOTS,
+            SEARCH_BLOCK=SEARCH_BLOCK, NOISE_TILE=NOISE_TILE, num_warps=8,
+        )
+        return tokens, probs
+
+    parts = num_parts or _num_parts(rows, num_tiles, device)
+    tiles_per_part = triton.cdiv(num_tiles, parts)
+    parts = triton.cdiv(num_tiles, tiles_per_part)
+    part_max = torch.empty((rows, parts), dtype=torch.float32, device=device)
+    part_sum = torch.empty_like(part_max)
+    part_score = torch.empty_like(part_max)
+    part_tile = torch.empty((rows, parts), dtype=torch.int64, device=device)
+    part_arg = torch.empty_like(part_tile)
+    part_flags = torch.empty((rows, parts), dtype=torch.int32, device=device)
+    wrap(_sample_partial_kernel)[(rows, parts)](
+        logits2d, stride, vocab, num_tiles, tiles_per_part,
+        temp_args[0], temp_args[1], *seed_args, offset,
+        part_max, part_sum, part_score, part_tile, part_arg, part_flags,
+        HAS_TEMP=temperature is not None, HAS_SEED=seed is not None, NOISE_TILE=NOISE_TILE, num_warps=4,
+    )
+    wrap(_sample_finalize_kernel)[(rows,)](
+        logits2d, stride, vocab, parts,
+        temp_args[0], temp_args[1], *seed_args, offset,
+        part_max, part_sum, part_score, part_tile, part_arg, part_flags,
+        tokens, probs,
+        HAS_TEMP=temperature is not None, HAS_SEED=seed is not None, NOISE_TILE=NOISE_TILE,
+        PARTS_BLOCK=max(2, triton.next_power_of_2(parts)), num_warps=4,
+    )
+    return tokens, probs
+
+
+def filter_logits(logits2d, top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, *, wrap=_identity):
+    """Launch filter_logits on a [R, V] view; returns (filtered [R, V], invalid-row flags int8 [R])."""
+    rows, vocab = logits2d.shape
+    device = logits2d.device
+    out = torch.empty((rows, vocab), dtype=logits2d.dtype, device=device)
+    bad = torch.zeros(rows, dtype=torch.int8, device=device)
+    if rows == 0:
+        return out, bad
+    dummy_f = torch.empty(1, dtype=torch.float32, device=device)
+    dummy_i = torch.empty(1, dtype=torch.int64, device=device)
+    wrap(_filter_logits_kernel)[(rows,)](
+        logits2d, logits2d.stride(0), out, out.stride(0), bad, vocab,
+        *_param_args(top_k, top_k_value, dummy_i)[:2],
+        *_param_args(top_p, top_p_value, dummy_f)[:2],
+        *_param_args(min_p, min_p_value, dummy_f)[:2],
+        HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
+        KEY_SHIFT=KEY_SHIFT[logits2d.dtype], NUM_PIVOTS=NUM_PIVOTS, SEARCH_BLOCK=SEARCH_BLOCK, num_warps=8,
+    )
+    return out, bad
