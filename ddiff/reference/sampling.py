@@ -102,7 +102,8 @@ def sample_reference(logits2d, temperature, top_k, top_p, min_p, seed, offset: i
     tile_ids = torch.arange(num_tiles, device=device)[None, :]
     tile = torch.argmax(tile_lse + philox_gumbel(seed, offset, row_ids, tile_ids, STREAM_TILE), dim=-1)
 
-    cols = tile[:, None] * NOISE_TILE + torch.arange(NOISE_TILE, device=device)[None, :]
+    # Columns past V read -inf and never win: a row shorter than a tile needs only its V columns.
+    cols = tile[:, None] * NOISE_TILE + torch.arange(min(NOISE_TILE, vocab), device=device)[None, :]
     scores = padded.gather(-1, cols) + philox_gumbel(seed, offset, row_ids, cols, STREAM_TOKEN)
     tokens = cols.gather(-1, torch.argmax(scores, dim=-1, keepdim=True)).squeeze(-1)
     tokens = torch.where(temperature == 0, torch.argmax(logits2d.float(), dim=-1), tokens)

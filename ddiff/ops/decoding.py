@@ -1,0 +1,381 @@
+"""Decoding steps of discrete diffusion LMs: ``predict_tokens``, ``mdlm_step``, ``udlm_step``."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+from torch.library import custom_op, triton_op
+
+from ddiff._backend import resolve_backend
+from ddiff._params import RngArgs, check_logits, check_range, eager, rng_args, row_param, rows_of, seed_rows
+from ddiff.ops.sampling import _filter_params, _filters_active, _raise_invalid_rows, _wrap
+from ddiff.reference.decoding import (
+    CONFIDENCE_KINDS,
+    masked_invalid_rows,
+    mdlm_step_reference,
+    predict_tokens_reference,
+    udlm_choose,
+    udlm_step_reference,
+    unmask_probability,
+)
+
+Tensor = torch.Tensor
+CONFIDENCE_FROM = ("raw", "sampling")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows_params(logits, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value, min_p,
+                 min_p_value, seed, seed_value, offset):
+    rows, device = logits.shape[0], logits.device
+    return (rows_of(temperature, temperature_value, rows, torch.float32, device),
+            rows_of(top_k, top_k_value, rows, torch.int64, device),
+            rows_of(top_p, top_p_value, rows, torch.float32, device),
+            rows_of(min_p, min_p_value, rows, torch.float32, device),
+            seed_rows(RngArgs(seed, seed_value, offset), rows, device))
+
+
+@custom_op("ddiff::predict_tokens_torch", mutates_args=())
+def _predict_torch(
+    logits: Tensor, mask: Optional[Tensor], suppress: Optional[Tensor],
+    temperature: Optional[Tensor], temperature_value: float, top_k: Optional[Tensor], top_k_value: int,
+    top_p: Optional[Tensor], top_p_value: float, min_p: Optional[Tensor], min_p_value: float,
+    seed: Optional[Tensor], seed_value: int, offset: int, confidence: str, confidence_from: str,
+) -> tuple[Tensor, Tensor]:
+    temp, k, p, m, seeds = _rows_params(logits, temperature, temperature_value, top_k, top_k_value, top_p,
+                                        top_p_value, min_p, min_p_value, seed, seed_value, offset)
+    _raise_invalid_rows(masked_invalid_rows(logits, mask, temp, suppress))
+    return predict_tokens_reference(logits, mask, temp, k, p, m, seeds, offset, confidence=confidence,
+                                    confidence_from=confidence_from, suppress_ids=suppress)
+
+
+@_predict_torch.register_fake
+def _(logits, *args):
+    rows = logits.shape[0]
+    return logits.new_empty(rows, dtype=torch.int64), logits.new_empty(rows, dtype=torch.float32)
+
+
+@triton_op("ddiff::predict_tokens_triton", mutates_args=())
+def _predict_triton(
+    logits: Tensor, mask: Optional[Tensor], suppress: Optional[Tensor],
+    temperature: Optional[Tensor], temperature_value: float, top_k: Optional[Tensor], top_k_value: int,
+    top_p: Optional[Tensor], top_p_value: float, min_p: Optional[Tensor], min_p_value: float,
+    seed: Optional[Tensor], seed_value: int, offset: int, confidence: str, confidence_from: str, filtered: bool,
+) -> tuple[Tensor, Tensor]:
+    from ddiff.kernels import sampling as kernels
+
+    return kernels.predict(logits, mask, suppress, temperature, temperature_value, top_k, top_k_value, top_p,
+                           top_p_value, min_p, min_p_value, seed, seed_value, offset, confidence=confidence,
+                           conf_raw=confidence_from == "raw", filtered=filtered, wrap=_wrap())
+
+
+@custom_op("ddiff::mdlm_step_torch", mutates_args=())
+def _mdlm_torch(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t: Tensor, alpha_s: Tensor,
+                temperature: Optional[Tensor], temperature_value: float, top_p: Optional[Tensor], top_p_value: float,
+                seed: Optional[Tensor], seed_value: int, offset: int) -> Tensor:
+    rows, device = logits.shape[0], logits.device
+    temp = rows_of(temperature, temperature_value, rows, torch.float32, device)
+    masked = x_t == mask_token_id
+    _raise_invalid_rows(masked_invalid_rows(logits, masked, temp, torch.tensor([mask_token_id], device=device)))
+    return mdlm_step_reference(logits, x_t, mask_token_id, alpha_t, alpha_s, temp,
+                               rows_of(top_p, top_p_value, rows, torch.float32, device),
+                               seed_rows(RngArgs(seed, seed_value, offset), rows, device), offset)
+
+
+@_mdlm_torch.register_fake
+def _(logits, x_t, *args):
+    return torch.empty_like(x_t)
+
+
+@triton_op("ddiff::mdlm_step_triton", mutates_args=())
+def _mdlm_triton(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t: Tensor, alpha_s: Tensor,
+                 temperature: Optional[Tensor], temperature_value: float, top_p: Optional[Tensor],
+                 top_p_value: float, seed: Optional[Tensor], seed_value: int, offset: int) -> tuple[Tensor, Tensor]:
+    from ddiff.kernels import sampling as kernels
+
+    filtered = top_p is not None or top_p_value < 1.0
+    suppress = torch.full((1,), mask_token_id, dtype=torch.int64, device=logits.device)
+    tokens, conf = kernels.predict(
+        logits, x_t == mask_token_id, suppress, temperature, temperature_value, None, 0, top_p, top_p_value,
+        None, 0.0, seed, seed_value, offset, confidence="prob", conf_raw=False, filtered=filtered,
+        gate=unmask_probability(alpha_t, alpha_s).contiguous(), wrap=_wrap(),
+    )
+    return torch.where(tokens >= 0, tokens, x_t), conf
+
+
+@custom_op("ddiff::udlm_step_torch", mutates_args=())
+def _udlm_torch(logits: Tensor, x_t: Tensor, alpha_t: Tensor, alpha_s: Tensor, seed: Optional[Tensor],
+                seed_value: int, offset: int) -> Tensor:
+    rows, device = logits.shape[0], logits.device
+    _raise_invalid_rows(masked_invalid_rows(logits, None, torch.ones(rows, device=device)))
+    return udlm_step_reference(logits, x_t, alpha_t, alpha_s, seed_rows(RngArgs(seed, seed_value, offset), rows, device),
+                               offset)
+
+
+@_udlm_torch.register_fake
+def _(logits, x_t, *args):
+    return torch.empty_like(x_t)
+
+
+@triton_op("ddiff::udlm_step_triton", mutates_args=())
+def _udlm_triton(logits: Tensor, x_t: Tensor, alpha_t: Tensor, alpha_s: Tensor, seed: Optional[Tensor],
+                 seed_value: int, offset: int) -> tuple[Tensor, Tensor]:
+    from ddiff.kernels import sampling as kernels
+
+    tokens, p_xt = kernels.predict(
+        logits, None, None, None, 1.0, None, 0, None, 1.0, None, 0.0, seed, seed_value, offset,
+        confidence="prob", conf_raw=True, filtered=False, query=x_t, wrap=_wrap(),
+    )
+    seeds = seed_rows(RngArgs(seed, seed_value, offset), logits.shape[0], logits.device)
+    return udlm_choose(tokens, p_xt, x_t, alpha_t, alpha_s, logits.shape[1], seeds, offset), p_xt
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_positions(name: str, tensor, shape, device, *, dtype_kind: str) -> Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(tensor).__name__}.")
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"`{name}` must have shape {tuple(shape)} (the logits' leading dims), got {tuple(tensor.shape)}.")
+    if tensor.device != device:
+        raise ValueError(f"`{name}` is on {tensor.device} but the logits are on {device}.")
+    if dtype_kind == "bool" and tensor.dtype != torch.bool:
+        raise TypeError(f"`{name}` must be a bool tensor, got {tensor.dtype}.")
+    if dtype_kind == "int" and (tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.is_complex()):
+        raise TypeError(f"`{name}` must hold integer token ids, got {tensor.dtype}.")
+    return tensor.reshape(-1)
+
+
+def _check_token_id(name: str, value, vocab: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+    if not 0 <= value < vocab:
+        raise ValueError(f"`{name}` must lie in [0, {vocab}), got {value}.")
+    return value
+
+
+def _check_suppress(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
+    if suppress_tokens is None:
+        return None
+    if isinstance(suppress_tokens, torch.Tensor):
+        if suppress_tokens.dtype.is_floating_point or suppress_tokens.dtype == torch.bool:
+            raise TypeError(f"`suppress_tokens` must hold integer ids, got {suppress_tokens.dtype}.")
+        ids = suppress_tokens.reshape(-1).to(device=device, dtype=torch.int64)
+    else:
+        try:
+            ids = list(suppress_tokens) if not isinstance(suppress_tokens, numbers.Integral) else [suppress_tokens]
+        except TypeError:
+            raise TypeError("`suppress_tokens` must be an int, a sequence of ints or an integer tensor.") from None
+        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in ids):
+            raise TypeError("`suppress_tokens` must hold ints.")
+        ids = torch.tensor(ids, dtype=torch.int64, device=device)
+    if ids.numel() > 64:
+        raise ValueError(f"`suppress_tokens` holds {ids.numel()} ids; at most 64 are supported.")
+    if eager() and ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(f"every id in `suppress_tokens` must lie in [0, {vocab}).")
+    return ids if ids.numel() else None
+
+
+def _alpha_rows(name: str, value, x_shape, device) -> Tensor:
+    """α as a scalar, a [B] tensor (per sequence) or a tensor of x_t's shape, as fp32 [R]."""
+    rows = 1
+    for d in x_shape:
+        rows *= d
+    if isinstance(value, torch.Tensor):
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"`{name}` must be a float or a float tensor, got a {value.dtype} tensor.")
+        if value.device != device:
+            raise ValueError(f"`{name}` is on {value.device} but the logits are on {device}.")
+        if value.dim() == 0:
+            out = value.reshape(1).expand(rows)
+        elif len(x_shape) >= 1 and tuple(value.shape) == (x_shape[0],):
+            out = value.reshape((x_shape[0],) + (1,) * (len(x_shape) - 1)).expand(x_shape).reshape(-1)
+        elif tuple(value.shape) == tuple(x_shape):
+            out = value.reshape(-1)
+        else:
+            raise ValueError(f"`{name}` must be a scalar, a [B] tensor or have x_t's shape {tuple(x_shape)}, "
+                             f"got {tuple(value.shape)}.")
+        return out.to(torch.float32).contiguous()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a float or a float tensor, got {type(value).__name__}.")
+    return torch.full((rows,), float(value), dtype=torch.float32, device=device)
+
+
+def _check_alphas(alpha_t, alpha_s, x_shape, device):
+    a_t = _alpha_rows("alpha_t", alpha_t, x_shape, device)
+    a_s = _alpha_rows("alpha_s", alpha_s, x_shape, device)
+    scalars = not isinstance(alpha_t, torch.Tensor) and not isinstance(alpha_s, torch.Tensor)
+    if scalars or eager():
+        for name, a in (("alpha_t", a_t), ("alpha_s", a_s)):
+            if a.numel() and bool(((a < 0) | (a > 1) | torch.isnan(a)).any()):
+                raise ValueError(f"`{name}` must lie in [0, 1].")
+        if a_t.numel() and bool((a_s < a_t).any()):
+            raise ValueError("`alpha_s` must be >= `alpha_t`: s is the less noisy time (s < t).")
+    return a_t, a_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def predict_tokens(logits: Tensor, mask: Optional[Tensor] = None, temperature=0.0, top_k=None, top_p=None,
+                   min_p=None, *, confidence: str = "prob", confidence_from: str = "raw", suppress_tokens=None,
+                   seed=None, offset: int = 0, generator: Optional[torch.Generator] = None, backend: str = "auto"):
+    """Predict a token for each masked position and score how confident the prediction is.
+
+    The first half of every confidence-remasking decoder step (LLaDA ``generate``, Dream,
+    Fast-dLLM, SDAR, LLaDA2), in one pass over the vocabulary per masked position, with no
+    ``[B, L, V]`` intermediate.
+
+    Tokens follow :func:`ddiff.sample` exactly, with the same noise streams and row index
+    ``b * L + l``: with the same seed (and no ``suppress_tokens``) they equal
+    ``ddiff.sample(logits.flatten(0, -2), ...)``. ``temperature`` 0 is greedy.
+
+    Args:
+        logits: ``[B, L, V]`` (any leading dims) float32 / float16 / bfloat16.
+        mask: bool ``[B, L]``; None means every position. Where False nothing is computed:
+            the token is -1 and the confidence ``-inf``.
+        temperature, top_k, top_p, min_p: as in :func:`ddiff.sample`, scalar or per row
+            (``[B * L]``).
+        confidence: ``"prob"`` (probability of the chosen token: LLaDA low_confidence, Dream
+            maskgit_plus, Fast-dLLM), ``"margin"`` (top-1 minus top-2 probability: Dream
+            topk_margin), ``"neg_entropy"`` (sum of p log p: Dream entropy) or ``"random"`` (a
+            uniform from its own noise stream, independent of the token noise: LLaDA
+            remasking="random").
+        confidence_from: the distribution the confidence is measured under: ``"raw"``, the
+            softmax of the logits after ``suppress_tokens`` (LLaDA, Fast-dLLM, dInfer), or
+            ``"sampling"``, the tempered and filtered sampling distribution (Dream, diffusers
+            BlockRefinement); at temperature 0 that is the filtered softmax at temperature 1.
+        suppress_tokens: ids set to ``-inf`` before anything else (the mask token, EOS:
+            LLaDA's ``logits_eos_inf``): an int, a sequence or an int tensor (at most 64).
+        seed, offset, generator, backend: as in :func:`ddiff.sample`.
+
+    Returns:
+        ``(tokens, confidence)``: int64 and fp32, both shaped like ``logits.shape[:-1]``.
+
+    Example:
+        >>> tokens, conf = ddiff.predict_tokens(logits, mask=x == MASK_ID, suppress_tokens=[MASK_ID])
+        >>> commit = ddiff.select_transfer(conf, x == MASK_ID, num_transfer=4)
+        >>> x = torch.where(commit, tokens, x)
+    """
+    logits2d = check_logits(logits)
+    rows, vocab = logits2d.shape
+    device = logits.device
+    if confidence not in CONFIDENCE_KINDS:
+        raise ValueError(f"`confidence` must be one of {CONFIDENCE_KINDS}, got {confidence!r}.")
+    if confidence_from not in CONFIDENCE_FROM:
+        raise ValueError(f"`confidence_from` must be one of {CONFIDENCE_FROM}, got {confidence_from!r}.")
+    mask_rows = None if mask is None else _check_positions("mask", mask, logits.shape[:-1], device, dtype_kind="bool")
+    temp = row_param("temperature", temperature, rows, device, integer=False, default=0.0)
+    check_range("temperature", temp[0], temp[1], 0.0, None)
+    k, p, m = _filter_params(top_k, top_p, min_p, rows, device)
+    suppress = _check_suppress(suppress_tokens, vocab, device)
+    rng = rng_args(seed, offset, generator, rows, device)
+    impl = resolve_backend(backend, logits)
+
+    args = (logits2d, mask_rows, suppress, temp[0], temp[1], k[0], k[1], p[0], p[1], m[0], m[1],
+            rng.seed, rng.seed_value, rng.offset, confidence, confidence_from)
+    if impl == "torch":
+        tokens, conf = torch.ops.ddiff.predict_tokens_torch(*args)
+    else:
+        tokens, conf = torch.ops.ddiff.predict_tokens_triton(*args, _filters_active(k, p, m, vocab))
+        _raise_invalid_rows(torch.isnan(conf))
+    return tokens.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
+
+
+def mdlm_step(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t, alpha_s, *, temperature=1.0, top_p=None,
+              seed=None, offset: int = 0, generator: Optional[torch.Generator] = None, backend: str = "auto") -> Tensor:
+    """One reverse step of the absorbing (masked) diffusion posterior (MDLM / BD3LM, SUBS).
+
+    Each masked position (``x_t == mask_token_id``) is revealed with probability
+    ``(α_s − α_t) / (1 − α_t)`` (1 when ``α_t = 1``), to a token drawn from
+    ``softmax(logits / temperature)`` with the mask logit at ``-inf`` (and top-p, for BD3LM's
+    nucleus sampling); otherwise it stays masked. Unmasked positions are copied. This is the
+    categorical posterior of MDLM's ``_ddpm_update``, sampled without building ``q_xs``: the
+    coin comes first (noise stream ``STREAM_POSTERIOR``), and positions that stay masked never
+    read their logits.
+
+    Args:
+        logits: ``[B, L, V]`` (any leading dims) float32 / float16 / bfloat16.
+        x_t: int64 ``[B, L]`` current tokens.
+        mask_token_id: the absorbing token id, in ``[0, V)``.
+        alpha_t, alpha_s: α at the current (noisier) time t and the next time s < t, so
+            ``0 <= α_t <= α_s <= 1``: floats, ``[B]`` tensors or tensors shaped like ``x_t``.
+            See :func:`ddiff.alpha_schedule`.
+        temperature: float > 0 or per-row tensor (0 reveals the argmax).
+        top_p: nucleus filter of the revealed token's distribution.
+        seed, offset, generator, backend: as in :func:`ddiff.sample`.
+
+    Returns:
+        ``x_s``: int64, shaped like ``x_t``.
+    """
+    logits2d = check_logits(logits)
+    rows, vocab = logits2d.shape
+    device = logits.device
+    x_rows = _check_positions("x_t", x_t, logits.shape[:-1], device, dtype_kind="int").to(torch.int64)
+    mask_token_id = _check_token_id("mask_token_id", mask_token_id, vocab)
+    a_t, a_s = _check_alphas(alpha_t, alpha_s, x_t.shape, device)
+    temp = row_param("temperature", temperature, rows, device, integer=False, default=1.0)
+    check_range("temperature", temp[0], temp[1], 0.0, None)
+    p = row_param("top_p", top_p, rows, device, integer=False, default=1.0)
+    check_range("top_p", p[0], p[1], 0.0, 1.0, low_open=True)
+    rng = rng_args(seed, offset, generator, rows, device)
+    impl = resolve_backend(backend, logits)
+
+    args = (logits2d, x_rows, mask_token_id, a_t, a_s, temp[0], temp[1], p[0], p[1], rng.seed, rng.seed_value,
+            rng.offset)
+    if impl == "torch":
+        x_s = torch.ops.ddiff.mdlm_step_torch(*args)
+    else:
+        x_s, conf = torch.ops.ddiff.mdlm_step_triton(*args)
+        _raise_invalid_rows(torch.isnan(conf))
+    return x_s.view(x_t.shape)
+
+
+def udlm_step(logits: Tensor, x_t: Tensor, alpha_t, alpha_s, *, seed=None, offset: int = 0,
+              generator: Optional[torch.Generator] = None, backend: str = "auto") -> Tensor:
+    """One reverse step of the uniform-noise posterior (UDLM, kuleshov-group/discrete-diffusion-guidance).
+
+    With ``x̂0 = softmax(logits)``, ``α_ts = α_t / α_s`` and ``N = V``, the closed-form posterior is
+
+    ``q(x_s = j | x_t, x̂0) = [ (α_s − α_t) x̂0_j + (1 − α_ts)(1 − α_s) / N + 1[j = x_t] (α_t N x̂0_{x_t} + α_ts − α_t) ]
+    / (α_t N x̂0_{x_t} + 1 − α_t)``.
+
+    It is a mixture of three parts (draw from x̂0, draw uniformly, keep x_t), so it is sampled
+    exactly without materialising q over V: one pass over the row gives the Gumbel race on
+    x̂0 and ``x̂0_{x_t}``, and two uniforms of ``STREAM_POSTERIOR`` pick the part.
+
+    Args:
+        logits: ``[B, L, V]`` (any leading dims) float32 / float16 / bfloat16.
+        x_t: int64 ``[B, L]`` current tokens, in ``[0, V)``.
+        alpha_t, alpha_s: ``0 <= α_t <= α_s <= 1``: floats, ``[B]`` tensors or shaped like ``x_t``.
+        seed, offset, generator, backend: as in :func:`ddiff.sample`.
+
+    Returns:
+        ``x_s``: int64, shaped like ``x_t``.
+    """
+    logits2d = check_logits(logits)
+    rows, vocab = logits2d.shape
+    device = logits.device
+    x_rows = _check_positions("x_t", x_t, logits.shape[:-1], device, dtype_kind="int").to(torch.int64)
+    if eager() and x_rows.numel() and bool(((x_rows < 0) | (x_rows >= vocab)).any()):
+        raise ValueError(f"every token of `x_t` must lie in [0, {vocab}).")
+    a_t, a_s = _check_alphas(alpha_t, alpha_s, x_t.shape, device)
+    rng = rng_args(seed, offset, generator, rows, device)
+    impl = resolve_backend(backend, logits)
+    args = (logits2d, x_rows.contiguous(), a_t, a_s, rng.seed, rng.seed_value, rng.offset)
+    if impl == "torch":
+        x_s = torch.ops.ddiff.udlm_step_torch(*args)
+    else:
+        x_s, p_xt = torch.ops.ddiff.udlm_step_triton(*args)
+        _raise_invalid_rows(torch.isnan(p_xt))
+    return x_s.view(x_t.shape)
