@@ -1,11 +1,282 @@
-"""Placeholder: being written."""
-def num_transfer_tokens(*args, **kwargs):
-    raise NotImplementedError
+"""Which masked positions to commit: ``select_transfer``, ``num_transfer_tokens``, ``select_edits``."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from ddiff._backend import resolve_backend
+from ddiff.reference import selection as _ref
+
+__all__ = ["num_transfer_tokens", "select_edits", "select_transfer"]
+
+Scalar = Union[int, float]
 
 
-def select_edits(*args, **kwargs):
-    raise NotImplementedError
+# --------------------------------------------------------------------------------------
+# torch.library registration of the PyTorch path (the Triton path is the triton_op
+# ``ddiff::select_transfer_triton`` in ``ddiff.kernels.selection``, imported lazily).
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("ddiff::select_transfer_torch", mutates_args=())
+def _select_transfer_torch(
+    confidence: torch.Tensor,
+    mask: torch.Tensor,
+    k: Optional[torch.Tensor],
+    k_scalar: int,
+    threshold: Optional[torch.Tensor],
+    threshold_scalar: float,
+    factor: Optional[torch.Tensor],
+    factor_scalar: float,
+    rule: int,
+    min_transfer: int,
+) -> torch.Tensor:
+    return _ref.select_transfer_reference(
+        confidence,
+        mask,
+        num_transfer=None if rule in (_ref.RULE_THRESHOLD, _ref.RULE_FACTOR) else (k if k is not None else k_scalar),
+        threshold=None
+        if rule in (_ref.RULE_TOPK, _ref.RULE_FACTOR)
+        else (threshold if threshold is not None else threshold_scalar),
+        factor=None if rule != _ref.RULE_FACTOR else (factor if factor is not None else factor_scalar),
+        min_transfer=min_transfer,
+    )
 
 
-def select_transfer(*args, **kwargs):
-    raise NotImplementedError
+@_select_transfer_torch.register_fake
+def _select_transfer_fake(confidence, mask, k, k_scalar, threshold, threshold_scalar, factor, factor_scalar, rule, min_transfer):
+    return confidence.new_empty(confidence.shape, dtype=torch.bool)
+
+
+# --------------------------------------------------------------------------------------
+# argument checking
+# --------------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_2d(name: str, t, shape=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}.")
+    if t.dim() != 2:
+        raise ValueError(f"`{name}` must be 2-D [B, L], got shape {tuple(t.shape)}.")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"`{name}` has shape {tuple(t.shape)}, expected {tuple(shape)} (the shape of `confidence`).")
+
+
+def _check_same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"`{name}` is on {t.device} but `confidence` is on {ref.device}.")
+
+
+def _check_per_row(name: str, t: torch.Tensor, ref: torch.Tensor, *, integer: bool) -> None:
+    batch = ref.shape[0]
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
+        raise ValueError(f"`{name}` as a tensor must have shape [B] = [{batch}] (or be 0-dim), got {tuple(t.shape)}.")
+    _check_same_device(name, t, ref)
+    if integer and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise TypeError(f"`{name}` as a tensor must have an integer dtype, got {t.dtype}.")
+    if not integer and not t.is_floating_point():
+        raise TypeError(f"`{name}` as a tensor must have a floating dtype, got {t.dtype}.")
+
+
+def _split(name: str, value, ref: torch.Tensor, *, integer: bool):
+    """(tensor or None, scalar) for the op schema."""
+    if value is None:
+        return None, 0 if integer else 0.0
+    if isinstance(value, torch.Tensor):
+        _check_per_row(name, value, ref, integer=integer)
+        return value, 0 if integer else 0.0
+    if integer:
+        if not _is_int(value):
+            raise TypeError(f"`{name}` must be an int or an integer [B] tensor, got {type(value).__name__}.")
+        if value < 0:
+            raise ValueError(f"`{name}` must be >= 0, got {value}.")
+        return None, int(value)
+    if not _is_real(value):
+        raise TypeError(f"`{name}` must be a float or a floating [B] tensor, got {type(value).__name__}.")
+    return None, float(value)
+
+
+# --------------------------------------------------------------------------------------
+# public ops
+# --------------------------------------------------------------------------------------
+def select_transfer(
+    confidence: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_transfer: Optional[Union[int, torch.Tensor]] = None,
+    threshold: Optional[Union[Scalar, torch.Tensor]] = None,
+    factor: Optional[Union[Scalar, torch.Tensor]] = None,
+    min_transfer: int = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Choose which masked positions to commit (unmask) at this denoising step.
+
+    The candidates of a row are the positions where ``mask`` is True; only they can be
+    chosen. Let N be a row's candidate count and "top-k" its k most confident candidates,
+    ties going to the lower position. Comparisons are made in fp32 (confidence cast to
+    fp32, Python-float thresholds rounded to fp32); NaN confidence counts as ``-inf``.
+
+    Rules (pick with the keyword arguments):
+
+    * ``num_transfer=k`` — LLaDA ``low_confidence`` remasking: the top-min(k, N).
+      ``k = 0`` selects nothing.
+    * ``threshold=τ`` — Fast-dLLM / dInfer parallel decoding: every candidate with
+      confidence ``> τ`` (strict). If fewer than ``min_transfer`` pass, the
+      top-min(``min_transfer``, N) instead (so by default at least one token).
+    * ``num_transfer=k, threshold=τ`` — SDAR ``low_confidence_dynamic`` / diffusers
+      ``BlockRefinementScheduler``: all candidates above τ if at least k pass, otherwise
+      the top-min(k, N). ``min_transfer`` is ignored.
+    * ``factor=f`` — Fast-dLLM ``get_transfer_index_dynamic``. Sort a row's candidate
+      confidences c_1 >= c_2 >= ... >= c_N. Rank n >= 2 passes when
+      ``c_n >= 1 - f / (n + 1)`` (bar computed in float64, rounded to fp32; rank 1
+      always passes). Let n* be the number of leading ranks that pass; the top-n* are
+      committed, except that if the first failing rank is N itself, all N are committed
+      (as in Fast-dLLM's code). Needs ``f > 0``. ``factor`` cannot be combined with
+      ``num_transfer`` or ``threshold`` (Fast-dLLM's dynamic path ignores both; a mix
+      has no defined meaning) and ``min_transfer`` does not apply (it commits >= 1).
+
+    Rows without candidates select nothing under every rule.
+
+    Args:
+        confidence: ``[B, L]`` float16 / bfloat16 / float32 (float64 is rounded to fp32)
+            confidence of each position's prediction; ``-inf`` is allowed.
+        mask: ``[B, L]`` bool, True where a position may be committed (still masked).
+        num_transfer: int, or ``[B]`` (or 0-dim) integer tensor: tokens per row.
+            Negative tensor entries count as 0 (not checked, to avoid a host sync).
+        threshold: float, or ``[B]`` (or 0-dim) floating tensor.
+        factor: float > 0, or ``[B]`` (or 0-dim) floating tensor with positive entries.
+        min_transfer: int >= 0, the floor of the threshold-only rule.
+        backend: ``"auto"`` (Triton on CUDA, PyTorch otherwise), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``[B, L]`` bool tensor, True at the positions to commit (always a subset of ``mask``).
+
+    Example::
+
+        >>> conf = torch.tensor([[0.9, 0.2, 0.95, 0.5]])
+        >>> mask = torch.tensor([[True, True, False, True]])
+        >>> select_transfer(conf, mask, num_transfer=2)
+        tensor([[ True, False, False,  True]])
+        >>> select_transfer(conf, mask, threshold=0.95)  # nobody passes: top-1
+        tensor([[ True, False, False, False]])
+    """
+    _check_2d("confidence", confidence)
+    _check_2d("mask", mask, confidence.shape)
+    _check_same_device("mask", mask, confidence)
+    if not confidence.is_floating_point():
+        raise TypeError(f"`confidence` must have a floating dtype, got {confidence.dtype}.")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"`mask` must be a bool tensor, got {mask.dtype}.")
+    if num_transfer is None and threshold is None and factor is None:
+        raise ValueError("select_transfer needs a rule: give `num_transfer`, `threshold` and/or `factor`.")
+    if factor is not None and (num_transfer is not None or threshold is not None):
+        raise ValueError(
+            "`factor` (Fast-dLLM's dynamic rule) cannot be combined with `num_transfer` or `threshold`."
+        )
+    if not _is_int(min_transfer):
+        raise TypeError(f"`min_transfer` must be an int, got {type(min_transfer).__name__}.")
+    if min_transfer < 0:
+        raise ValueError(f"`min_transfer` must be >= 0, got {min_transfer}.")
+    k, k_scalar = _split("num_transfer", num_transfer, confidence, integer=True)
+    thr, thr_scalar = _split("threshold", threshold, confidence, integer=False)
+    fac, fac_scalar = _split("factor", factor, confidence, integer=False)
+    if factor is not None and fac is None and not fac_scalar > 0:
+        raise ValueError(f"`factor` must be > 0, got {factor}.")
+
+    if factor is not None:
+        rule = _ref.RULE_FACTOR
+    elif num_transfer is not None:
+        rule = _ref.RULE_BOTH if threshold is not None else _ref.RULE_TOPK
+    else:
+        rule = _ref.RULE_THRESHOLD
+    length = confidence.shape[1]  # counts beyond L mean "all candidates": clamp (keeps int64 safe)
+    args = (confidence, mask, k, min(k_scalar, length), thr, thr_scalar, fac, fac_scalar, rule, min(int(min_transfer), length))
+
+    if resolve_backend(backend, confidence) == "triton":
+        from ddiff.kernels import selection as _k
+
+        return _k.select_transfer_triton(*args)
+    return _select_transfer_torch(*args)
+
+
+def num_transfer_tokens(mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's per-step token budget (``get_num_transfer_tokens`` in LLaDA's generate.py).
+
+    Each row's masked count n is split evenly over ``steps``: every step commits
+    ``n // steps`` tokens and the first ``n % steps`` steps one more, so a row's budget
+    sums to n. Plain PyTorch (tiny, vectorised, no host sync).
+
+    Args:
+        mask: ``[B, L]`` bool, True at masked positions (e.g. a block's masks).
+        steps: int >= 1, the number of denoising steps.
+
+    Returns:
+        ``[B, steps]`` int64 tensor on ``mask``'s device.
+
+    Example::
+
+        >>> num_transfer_tokens(torch.tensor([[True] * 7 + [False]]), 3)
+        tensor([[3, 2, 2]])
+    """
+    _check_2d("mask", mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"`mask` must be a bool tensor, got {mask.dtype}.")
+    if not _is_int(steps):
+        raise TypeError(f"`steps` must be an int, got {type(steps).__name__}.")
+    if steps < 1:
+        raise ValueError(f"`steps` must be >= 1, got {steps}.")
+    return _ref.num_transfer_tokens_reference(mask, int(steps))
+
+
+def select_edits(
+    pred_tokens: torch.Tensor,
+    confidence: torch.Tensor,
+    x: torch.Tensor,
+    editable: torch.Tensor,
+    threshold: Union[Scalar, torch.Tensor],
+) -> torch.Tensor:
+    """LLaDA2's token-editing rule: which already-decoded tokens to re-write.
+
+    A position is re-written when it is ``editable`` (decoded, not prompt), the model's
+    prediction differs from the current token (``pred_tokens != x``) and its confidence
+    is strictly above ``threshold`` (compared in fp32; NaN never passes). Elementwise
+    PyTorch.
+
+    Args:
+        pred_tokens: ``[B, L]`` integer predicted tokens.
+        confidence: ``[B, L]`` floating confidence of ``pred_tokens``.
+        x: ``[B, L]`` integer current tokens.
+        editable: ``[B, L]`` bool.
+        threshold: float, or ``[B]`` (or 0-dim) floating tensor.
+
+    Returns:
+        ``[B, L]`` bool tensor, True where ``x`` should take ``pred_tokens``.
+
+    Example::
+
+        >>> select_edits(torch.tensor([[5, 6]]), torch.tensor([[0.99, 0.99]]),
+        ...              torch.tensor([[5, 7]]), torch.tensor([[True, True]]), 0.9)
+        tensor([[False,  True]])
+    """
+    _check_2d("confidence", confidence)
+    for name, t in (("pred_tokens", pred_tokens), ("x", x), ("editable", editable)):
+        _check_2d(name, t, confidence.shape)
+        _check_same_device(name, t, confidence)
+    if not confidence.is_floating_point():
+        raise TypeError(f"`confidence` must have a floating dtype, got {confidence.dtype}.")
+    if editable.dtype != torch.bool:
+        raise TypeError(f"`editable` must be a bool tensor, got {editable.dtype}.")
+    for name, t in (("pred_tokens", pred_tokens), ("x", x)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"`{name}` must have an integer dtype, got {t.dtype}.")
+    if threshold is None:
+        raise TypeError("`threshold` must be a float or a floating [B] tensor, got None.")
+    _split("threshold", threshold, confidence, integer=False)
+    return _ref.select_edits_reference(pred_tokens, confidence, x, editable, threshold)
