@@ -1,0 +1,6 @@
+"""Thin pipelines over ddiff.ops: they hold no sampling logic of their own."""
+
+from ddiff.pipelines.block_diffusion import BlockDiffusionPipeline, BlockDiffusionPipelineOutput
+from ddiff.pipelines.token_diffusion import TokenDiffusionPipeline, TokenDiffusionPipelineOutput
+
+__all__ = ["BlockDiffusionPipeline", "BlockDiffusionPipelineOutput", "TokenDiffusionPipeline", "TokenDiffusionPipelineOutput"]

@@ -1,0 +1,9 @@
+"""Placeholder: being written."""
+
+
+class BlockDiffusionPipeline:
+    pass
+
+
+class BlockDiffusionPipelineOutput:
+    pass

@@ -1,0 +1,9 @@
+"""Placeholder: being written."""
+
+
+class TokenDiffusionPipeline:
+    pass
+
+
+class TokenDiffusionPipelineOutput:
+    pass
