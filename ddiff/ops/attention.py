@@ -1,7 +1,272 @@
-"""Placeholder: being written."""
-def anchor_attention(*args, **kwargs):
-    raise NotImplementedError
+"""DFlash block-diagonal anchor attention: ``anchor_attention`` and its FlexAttention ``anchor_mask_mod``."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from ddiff._backend import resolve_backend
+from ddiff.reference.attention import anchor_attention_reference
+from ddiff.reference.attention import anchor_mask_mod as _anchor_mask_mod_ref
+
+Tensor = torch.Tensor
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def anchor_mask_mod(*args, **kwargs):
-    raise NotImplementedError
+def _eager() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks, shared by every backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+    return int(value)
+
+
+def _check_mask_args(anchors, context_len, block_size, keep, device=None, batch=None):
+    context_len = _check_int("context_len", context_len, 0)
+    block_size = _check_int("block_size", block_size, 1)
+    if not isinstance(anchors, torch.Tensor):
+        raise TypeError(f"`anchors` must be a torch.Tensor, got {type(anchors).__name__}.")
+    if anchors.dtype.is_floating_point or anchors.dtype.is_complex or anchors.dtype == torch.bool:
+        raise TypeError(f"`anchors` must be an integer tensor (int64), got {anchors.dtype}.")
+    if anchors.dim() != 2:
+        raise ValueError(f"`anchors` must have shape [B, N], got {tuple(anchors.shape)}.")
+    if batch is not None and anchors.shape[0] != batch:
+        raise ValueError(f"`anchors` has batch size {anchors.shape[0]} but `q` has {batch}.")
+    if device is not None and anchors.device != device:
+        raise ValueError(f"`anchors` is on {anchors.device} but `q` is on {device}.")
+    if keep is not None:
+        if not isinstance(keep, torch.Tensor):
+            raise TypeError(f"`keep` must be a bool torch.Tensor or None, got {type(keep).__name__}.")
+        if keep.dtype != torch.bool:
+            raise TypeError(f"`keep` must be a bool tensor, got {keep.dtype}.")
+        if keep.shape != anchors.shape:
+            raise ValueError(
+                f"`keep` must have the shape of `anchors` {tuple(anchors.shape)}, got {tuple(keep.shape)}."
+            )
+        if keep.device != anchors.device:
+            raise ValueError(f"`keep` is on {keep.device} but `anchors` is on {anchors.device}.")
+    if _eager() and anchors.numel() > 0:
+        lo, hi = (int(x) for x in torch.aminmax(anchors))  # one host sync; skipped under torch.compile
+        if lo < 0 or hi > context_len:
+            raise ValueError(
+                f"`anchors` must lie in [0, context_len={context_len}], got values in [{lo}, {hi}]."
+            )
+    return context_len, block_size
+
+
+def _check_inputs(q, k, v, anchors, context_len, block_size, keep, scale) -> tuple[int, int, float]:
+    """Validate every argument; return ``(context_len, block_size, scale)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}.")
+        if t.dim() != 4:
+            raise ValueError(f"`{name}` must be 4-D [B, H, L, D], got shape {tuple(t.shape)}.")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"`q` must be float16, bfloat16, float32 or float64, got {q.dtype}.")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"`{name}` has dtype {t.dtype} but `q` has {q.dtype}; they must match.")
+        if t.device != q.device:
+            raise ValueError(f"`{name}` is on {t.device} but `q` is on {q.device}.")
+    if v.shape != k.shape:
+        raise ValueError(f"`v` must have the shape of `k` {tuple(k.shape)}, got {tuple(v.shape)}.")
+    B, Hq, Lq, D = q.shape
+    _, Hkv, Lk, Dk = k.shape
+    if k.shape[0] != B:
+        raise ValueError(f"`k` has batch size {k.shape[0]} but `q` has {B}.")
+    if Dk != D:
+        raise ValueError(f"`k` has head dim {Dk} but `q` has {D}; they must match.")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim D={D} (last dim of `q`) is unsupported; supported: {SUPPORTED_HEAD_DIMS}.")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"`q` heads ({Hq}) must be a multiple of `k`/`v` heads ({Hkv}) (GQA).")
+    context_len, block_size = _check_mask_args(anchors, context_len, block_size, keep, q.device, B)
+    N = anchors.shape[1]
+    if Lq != N * block_size:
+        raise ValueError(
+            f"`q` has length {Lq} but N * block_size = {N} * {block_size} = {N * block_size} "
+            "(N = anchors.shape[1])."
+        )
+    if Lk != context_len + N * block_size:
+        raise ValueError(
+            f"`k`/`v` have length {Lk} but context_len + N * block_size = "
+            f"{context_len} + {N * block_size} = {context_len + N * block_size}."
+        )
+    if scale is None:
+        scale = D**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"`scale` must be a finite float or None, got {scale!r}.")
+    return context_len, block_size, float(scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# FlexAttention path
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def _flex_block_mask(anchors, context_len, block_size, keep, q_len, kv_len, device):
+    """The FlexAttention BlockMask of the rule (compiled ``create_block_mask`` on CUDA).
+
+    On CPU, torch 2.13's inductor fails to compile ``create_block_mask`` for this mask_mod, so the
+    eager builder runs there (it materialises the Q x KV grid: small shapes only).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask_mod = _anchor_mask_mod_ref(anchors, context_len, block_size, keep)
+    build = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
+    return build(mask_mod, anchors.shape[0], None, q_len, kv_len, device=device)
+
+
+def _flex_apply(q, k, v, block_mask, scale, keep, block_size):
+    """FlexAttention with a prebuilt block mask (compiled on CUDA, eager on CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = _compiled_flex_attention() if q.is_cuda else flex_attention
+    out = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if keep is not None:
+        row_keep = keep.repeat_interleave(block_size, dim=1)[:, None, :, None]
+        out = torch.where(row_keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
+
+
+def _flex_anchor_attention(q, k, v, anchors, keep, context_len, block_size, scale):
+    block_mask = _flex_block_mask(anchors, context_len, block_size, keep, q.shape[2], k.shape[2], q.device)
+    return _flex_apply(q, k, v, block_mask, scale, keep, block_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def anchor_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    anchors: Tensor,
+    *,
+    context_len: int,
+    block_size: int,
+    keep: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Block-diagonal anchor attention for DFlash draft-model training.
+
+    ``N`` anchor blocks of ``block_size`` noise tokens are queried at once. Query block ``b`` attends
+    to the context positions ``j < anchors[b]`` and to its own noise block (bidirectionally), and to
+    nothing else::
+
+        out[:, h, b*bs + i] = softmax_j(scale * q[:, h, b*bs + i] . k[:, h // G, j]) @ v[:, h // G, j]
+        over j in {0 .. anchors[b]-1}  U  {context_len + b*bs .. context_len + (b+1)*bs - 1}
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        Queries, shape ``[B, Hq, N * block_size, D]``: block ``b`` is rows ``b*block_size ...``.
+        float16, bfloat16 or float32 (float64 on the ``"torch"`` and ``"flex"`` backends).
+        ``D`` in ``(16, 32, 64, 128)``.
+    k, v : torch.Tensor
+        Keys and values, shape ``[B, Hkv, context_len + N * block_size, D]``: the context first, then
+        the ``N`` noise blocks in the order of ``q``. Same dtype and device as ``q``; ``Hq`` must be a
+        multiple of ``Hkv`` (GQA: query head ``h`` reads kv head ``h // (Hq // Hkv)``).
+    anchors : torch.Tensor
+        Integer tensor (int64) ``[B, N]`` with values in ``[0, context_len]``: how many context tokens
+        each block sees. Unsorted and repeated anchors are fine; ``0`` means the block sees only
+        itself. Checked on the host in eager mode (one sync), not under ``torch.compile``.
+    context_len : int
+        Number of context positions ``S`` at the front of ``k``/``v`` (may be 0).
+    block_size : int
+        Tokens per block (16 in DFlash).
+    keep : torch.Tensor, optional
+        bool ``[B, N]``. Blocks with ``keep == False`` output exactly zero and get (and give) exactly
+        zero gradient, never NaN.
+    scale : float, optional
+        Softmax scale; default ``D ** -0.5``.
+    backend : str
+        ``"torch"``: SDPA with a dense ``[B, 1, N*bs, S + N*bs]`` mask (the reference; small sizes
+        only). ``"flex"``: FlexAttention with :func:`anchor_mask_mod` and a compiled
+        ``create_block_mask`` (eager on CPU, where FlexAttention has no backward). ``"triton"``: the
+        fused kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``). ``"auto"``: triton on CUDA,
+        torch otherwise.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, Hq, N * block_size, D]`` in the dtype of ``q``. Differentiable in ``q``, ``k``, ``v``.
+
+    Example
+    -------
+    >>> B, Hq, Hkv, D, S, N, bs = 1, 4, 2, 64, 32, 3, 16
+    >>> q = torch.randn(B, Hq, N * bs, D)
+    >>> k = torch.randn(B, Hkv, S + N * bs, D); v = torch.randn_like(k)
+    >>> anchors = torch.tensor([[20, 5, 32]])
+    >>> out = anchor_attention(q, k, v, anchors, context_len=S, block_size=bs)
+    >>> out.shape
+    torch.Size([1, 4, 48, 64])
+    """
+    context_len, block_size, scale = _check_inputs(q, k, v, anchors, context_len, block_size, keep, scale)
+    backend = resolve_backend(backend, q, extra=("flex",))
+    if backend == "triton" and q.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 `q`, got {q.dtype}; "
+                        "use backend='torch' for float64.")
+    if q.numel() == 0 or k.numel() == 0:  # nothing to launch: the reference handles empty shapes
+        backend = "torch"
+
+    if backend == "triton":
+        from ddiff.kernels import anchor_attention as _k
+
+        return _k.anchor_attention(q, k, v, anchors, keep, context_len, block_size, scale)
+    if backend == "flex":
+        return _flex_anchor_attention(q, k, v, anchors, keep, context_len, block_size, scale)
+    return anchor_attention_reference(q, k, v, anchors, context_len=context_len, block_size=block_size,
+                                      keep=keep, scale=scale)
+
+
+def anchor_mask_mod(anchors: Tensor, context_len: int, block_size: int, keep: Optional[Tensor] = None):
+    r"""FlexAttention ``mask_mod`` for the anchor rule of :func:`anchor_attention`.
+
+    Returns ``mask_mod(b, h, q_idx, kv_idx) -> bool``: True where query ``q_idx`` (block
+    ``q_idx // block_size``) may attend to key ``kv_idx`` in the ``[context | noise blocks]`` layout.
+    ``anchors`` ``[B, N]`` (int, in ``[0, context_len]``) and ``keep`` ``[B, N]`` (bool, optional;
+    dropped blocks attend to nothing) are captured by the closure.
+
+    Example
+    -------
+    >>> from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    >>> mm = anchor_mask_mod(anchors, context_len=S, block_size=16)
+    >>> bm = create_block_mask(mm, B, None, N * 16, S + N * 16, device=q.device)
+    >>> out = flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+    """
+    context_len, block_size = _check_mask_args(anchors, context_len, block_size, keep)
+    return _anchor_mask_mod_ref(anchors, context_len, block_size, keep)

@@ -1,0 +1,620 @@
+"""Triton kernels for ``ddiff.ops.anchor_attention``: DFlash block-diagonal anchor attention.
+
+The rule (see ``ddiff/reference/attention.py``): query block ``b`` (``BLOCK_SIZE`` rows) attends
+to the context keys ``j < anchors[b]`` and to its own noise block, the keys
+``context_len + b * BLOCK_SIZE ... + BLOCK_SIZE - 1``. Dropped blocks (``keep == False``) attend to
+nothing and output zero.
+
+Design
+------
+* **Sorting.** The host sorts each batch row's blocks by anchor (stable), dropped blocks first
+  with anchor -1. The kernels walk query rows in this *sorted* order but read and write q, o, dq
+  and the noise keys k, v, dk, dv at their *original* positions through ``PERM`` (sorted slot ->
+  original block), so nothing is permuted in memory and the caller never sees the sort. Sorting
+  turns the jagged context edge into a staircase: the anchors inside one query tile are close to
+  each other, so a tile's context work is ~ its own rows' work.
+* **Forward** (one program per (query tile, batch*head)): an online softmax (exp2, log-sum-exp
+  kept in base 2) over two key ranges that share one running state: first the tile's own noise
+  blocks (a few key tiles; every kept row gets a finite max here), then the context tiles below the
+  tile's largest anchor. Context tiles below the tile's smallest anchor need no mask; only the
+  last one or two tiles (the staircase step) are masked per row.
+* **Backward**: ``delta = rowsum(dO * O)`` (preprocess), then
+
+  - dk/dv: one program per (key tile, batch*kv_head), accumulating over the query heads of the GQA
+    group. A context key tile ``[n0, n0 + BLOCK_N)`` is seen only by the blocks with
+    ``anchor > n0``: with sorted anchors a suffix of the query rows, found in-kernel by counting
+    anchors (no host work). Rows with ``anchor >= n0 + BLOCK_N`` see the whole tile unmasked.
+    A noise key tile is seen only by its own blocks' rows.
+  - dq: one program per (query tile, batch*head), visiting the same key tiles as the forward.
+
+  Both recompute P from the saved log-sum-exp; nothing of size Q x KV is ever stored.
+* Batch/head offsets are int64. Dropped rows load dO as zero and are masked out of P, so they give
+  exactly zero dq and contribute nothing to dk/dv, and their output is exactly zero (never NaN).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from ddiff._backend import triton_interpreting
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mm(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation. ``DOT_PRECISION == "upcast"`` is for the CPU interpreter only,
+    whose tl.dot multiplies bf16 operands as raw integers: the operands (already rounded to their
+    storage dtype) are widened to fp32 first, which gives the same exact products a tensor core
+    forms, accumulated in fp32."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT_PRECISION == "ieee":
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, kT, v, live, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax (scores in base-2 units)."""
+    s = _mm(q, kT, None, DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(live, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # A row with nothing live so far keeps m = -inf; subtract 0 instead (no inf - inf).
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _mm(p.to(v.dtype), v, acc, DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _anchor_attn_fwd(
+    Q, K, V, O, LSE, ANC, PERM,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    qk_scale, context_len, num_blocks, num_heads, group,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Heaviest tiles first: with sorted anchors the last query tiles see the most context.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // group
+    q_len = num_blocks * BLOCK_SIZE
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    ANC += b.to(tl.int64) * num_blocks
+    PERM += b.to(tl.int64) * num_blocks
+    LSE += pid_bh.to(tl.int64) * q_len
+
+    # Rows of this tile, in sorted order, and where they live in the caller's layout.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    q_blk = offs_m // BLOCK_SIZE
+    row_anchor = tl.load(ANC + q_blk, mask=row_ok, other=-1)  # -1: dropped block (or padding row)
+    q_row = tl.load(PERM + q_blk, mask=row_ok, other=0) * BLOCK_SIZE + offs_m % BLOCK_SIZE
+    q = tl.load(Q + q_row[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # Pass 1: the tile's own noise blocks (sorted key index space [noise_lo, noise_hi)).
+    max_anchor = tl.max(row_anchor, 0)
+    tile_lo = pid_m * BLOCK_M
+    noise_lo = (tile_lo // BLOCK_SIZE) * BLOCK_SIZE
+    noise_hi = tl.minimum(q_len, ((tile_lo + BLOCK_M - 1) // BLOCK_SIZE + 1) * BLOCK_SIZE)
+    noise_hi = tl.where(max_anchor >= 0, noise_hi, noise_lo)  # every row dropped: nothing to do
+    for start_n in range(noise_lo, noise_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < noise_hi
+        k_blk = offs_n // BLOCK_SIZE
+        k_pos = context_len + tl.load(PERM + k_blk, mask=n_ok, other=0) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+        kT = tl.load(K + k_pos[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :], other=0.0)
+        v = tl.load(V + k_pos[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
+        live = (q_blk[:, None] == k_blk[None, :]) & (row_anchor[:, None] >= 0) & n_ok[None, :]
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, kT, v, live, qk_scale, True, DOT_PRECISION)
+
+    # Pass 2: context keys [0, max anchor). Below the smallest anchor every row sees every key.
+    min_anchor = tl.min(tl.where(row_ok, row_anchor, max_anchor), 0)
+    ctx_full = (tl.maximum(min_anchor, 0) // BLOCK_N) * BLOCK_N
+    for start_n in range(0, ctx_full, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, kT, v, row_ok[:, None], qk_scale, False, DOT_PRECISION)
+    for start_n in range(ctx_full, max_anchor, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < max_anchor
+        kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :], other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
+        live = offs_n[None, :] < row_anchor[:, None]
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, kT, v, live, qk_scale, True, DOT_PRECISION)
+
+    kept = row_anchor >= 0
+    l_safe = tl.where(kept, l_i, 1.0)  # a kept row has l >= 1 (its max term is exp2(0))
+    out = tl.where(kept[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(kept, m_i + tl.log2(l_safe), 0.0)
+    tl.store(LSE + offs_m, lse, mask=row_ok)
+    tl.store(O + q_row[:, None] * stride_om + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _anchor_attn_bwd_preprocess(
+    O, DO, DELTA, ANC, PERM,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    num_blocks, num_heads,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta[row] = sum_d dO[row, d] * O[row, d], stored in sorted row order (0 for dropped rows)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_len = num_blocks * BLOCK_SIZE
+    O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    ANC += b.to(tl.int64) * num_blocks
+    PERM += b.to(tl.int64) * num_blocks
+    DELTA += pid_bh.to(tl.int64) * q_len
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    q_blk = offs_m // BLOCK_SIZE
+    kept = tl.load(ANC + q_blk, mask=row_ok, other=-1) >= 0
+    q_row = tl.load(PERM + q_blk, mask=row_ok, other=0) * BLOCK_SIZE + offs_m % BLOCK_SIZE
+    ld = (row_ok & kept)[:, None]
+    o = tl.load(O + q_row[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ld, other=0.0)
+    do = tl.load(DO + q_row[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=ld, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_rows(
+    dk, dv, k, v, Q, DO, LSE, DELTA, ANC, PERM,
+    stride_qm, stride_qd, stride_dom, stride_dod,
+    offs_n, k_blk, row_lo, row_hi, qk_scale,
+    MODE: tl.constexpr,  # 0: context, masked per row; 1: context, fully live; 2: own noise block
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate dk, dv of one key tile over the (sorted) query rows [row_lo, row_hi) of one head."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(row_lo, row_hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < row_hi
+        q_blk = offs_m // BLOCK_SIZE
+        row_anchor = tl.load(ANC + q_blk, mask=m_ok, other=-1)
+        q_row = tl.load(PERM + q_blk, mask=m_ok, other=0) * BLOCK_SIZE + offs_m % BLOCK_SIZE
+        kept = m_ok & (row_anchor >= 0)
+        qT = tl.load(Q + q_row[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=m_ok[None, :], other=0.0)
+        do = tl.load(DO + q_row[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=kept[:, None], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+        pT = tl.exp2(_mm(k, qT, None, DOT_PRECISION) * qk_scale - lse[None, :])
+        if MODE == 0:
+            pT = tl.where((offs_n[:, None] < row_anchor[None, :]) & m_ok[None, :], pT, 0.0)
+        elif MODE == 2:
+            pT = tl.where((k_blk[:, None] == q_blk[None, :]) & kept[None, :], pT, 0.0)
+        # MODE 1 needs no mask: its rows all see the whole tile, and a padding row (past row_hi)
+        # has q = 0, lse = 0, dO = 0 and delta = 0, so it adds exactly zero below.
+        dv = _mm(pT.to(do.dtype), do, dv, DOT_PRECISION)
+        dpT = _mm(v, tl.trans(do), None, DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _mm(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _anchor_attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA, ANC, PERM,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    sm_scale, qk_scale, context_len, num_blocks, num_heads, group, num_ctx_tiles,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    num_kv_heads = num_heads // group
+    b = pid_bhk // num_kv_heads
+    hk = pid_bhk % num_kv_heads
+    q_len = num_blocks * BLOCK_SIZE
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    DK += b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+    DV += b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+    ANC += b.to(tl.int64) * num_blocks
+    PERM += b.to(tl.int64) * num_blocks
+    offs_d = tl.arange(0, HEAD_DIM)
+    arange_n = tl.arange(0, BLOCK_N)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    if pid_n < num_ctx_tiles:
+        # A context key tile [n0, n0 + BLOCK_N).
+        n0 = pid_n * BLOCK_N
+        offs_n = n0 + arange_n
+        n_ok = offs_n < context_len
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
+        # Anchors are sorted, so the blocks that see any key of the tile (anchor > n0) are a suffix,
+        # and those that see all of it (anchor >= n0 + BLOCK_N) a shorter suffix: count the others.
+        blind = tl.zeros([SEARCH_BLOCK], tl.int32)
+        partial = tl.zeros([SEARCH_BLOCK], tl.int32)
+        for c in range(0, num_blocks, SEARCH_BLOCK):
+            offs_c = c + tl.arange(0, SEARCH_BLOCK)
+            a = tl.load(ANC + offs_c, mask=offs_c < num_blocks, other=2147483647)
+            blind += (a <= n0).to(tl.int32)
+            partial += (a < n0 + BLOCK_N).to(tl.int32)
+        row_lo = tl.sum(blind, 0) * BLOCK_SIZE
+        row_full = tl.sum(partial, 0) * BLOCK_SIZE
+        for g in range(0, group):
+            h = hk * group + g
+            bh = b * num_heads + h
+            Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+            DOh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+            LSEh = LSE + bh.to(tl.int64) * q_len
+            DELTAh = DELTA + bh.to(tl.int64) * q_len
+            dk, dv = _bwd_dkdv_rows(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, ANC, PERM,
+                                    stride_qm, stride_qd, stride_dom, stride_dod,
+                                    offs_n, offs_n, row_lo, row_full, qk_scale,
+                                    0, BLOCK_SIZE, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+            dk, dv = _bwd_dkdv_rows(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, ANC, PERM,
+                                    stride_qm, stride_qd, stride_dom, stride_dod,
+                                    offs_n, offs_n, row_full, q_len, qk_scale,
+                                    1, BLOCK_SIZE, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+        dk *= sm_scale
+        tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+                 mask=n_ok[:, None])
+        tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+                 mask=n_ok[:, None])
+    else:
+        # A noise key tile, in sorted key order [n0, n0 + BLOCK_N): seen only by its own blocks.
+        n0 = (pid_n - num_ctx_tiles) * BLOCK_N
+        offs_n = n0 + arange_n
+        n_ok = offs_n < q_len
+        k_blk = offs_n // BLOCK_SIZE
+        k_anchor = tl.load(ANC + k_blk, mask=n_ok, other=-1)
+        k_pos = context_len + tl.load(PERM + k_blk, mask=n_ok, other=0) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+        k = tl.load(K + k_pos[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
+        v = tl.load(V + k_pos[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
+        row_lo = (n0 // BLOCK_SIZE) * BLOCK_SIZE
+        row_hi = tl.minimum(q_len, ((n0 + BLOCK_N - 1) // BLOCK_SIZE + 1) * BLOCK_SIZE)
+        row_hi = tl.where(tl.max(k_anchor, 0) >= 0, row_hi, row_lo)  # all dropped: zero grads
+        for g in range(0, group):
+            h = hk * group + g
+            bh = b * num_heads + h
+            Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+            DOh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+            LSEh = LSE + bh.to(tl.int64) * q_len
+            DELTAh = DELTA + bh.to(tl.int64) * q_len
+            dk, dv = _bwd_dkdv_rows(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, ANC, PERM,
+                                    stride_qm, stride_qd, stride_dom, stride_dod,
+                                    offs_n, k_blk, row_lo, row_hi, qk_scale,
+                                    2, BLOCK_SIZE, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+        dk *= sm_scale
+        tl.store(DK + k_pos[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+                 mask=n_ok[:, None])
+        tl.store(DV + k_pos[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+                 mask=n_ok[:, None])
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, kT, vT, live, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    p = tl.exp2(_mm(q, kT, None, DOT_PRECISION) * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(live, p, 0.0)
+    dp = _mm(do, vT, None, DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return _mm(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
+
+
+@triton.jit
+def _anchor_attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA, ANC, PERM,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    sm_scale, qk_scale, context_len, num_blocks, num_heads, group,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Heaviest tiles first: with sorted anchors the last query tiles see the most context.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // group
+    q_len = num_blocks * BLOCK_SIZE
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    ANC += b.to(tl.int64) * num_blocks
+    PERM += b.to(tl.int64) * num_blocks
+    LSE += pid_bh.to(tl.int64) * q_len
+    DELTA += pid_bh.to(tl.int64) * q_len
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    q_blk = offs_m // BLOCK_SIZE
+    row_anchor = tl.load(ANC + q_blk, mask=row_ok, other=-1)
+    kept = row_ok & (row_anchor >= 0)
+    q_row = tl.load(PERM + q_blk, mask=row_ok, other=0) * BLOCK_SIZE + offs_m % BLOCK_SIZE
+    q = tl.load(Q + q_row[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + q_row[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=kept[:, None], other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # Own noise blocks.
+    max_anchor = tl.max(row_anchor, 0)
+    tile_lo = pid_m * BLOCK_M
+    noise_lo = (tile_lo // BLOCK_SIZE) * BLOCK_SIZE
+    noise_hi = tl.minimum(q_len, ((tile_lo + BLOCK_M - 1) // BLOCK_SIZE + 1) * BLOCK_SIZE)
+    noise_hi = tl.where(max_anchor >= 0, noise_hi, noise_lo)
+    for start_n in range(noise_lo, noise_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < noise_hi
+        k_blk = offs_n // BLOCK_SIZE
+        k_pos = context_len + tl.load(PERM + k_blk, mask=n_ok, other=0) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+        kT = tl.load(K + k_pos[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :], other=0.0)
+        vT = tl.load(V + k_pos[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=n_ok[None, :], other=0.0)
+        live = (q_blk[:, None] == k_blk[None, :]) & kept[:, None] & n_ok[None, :]
+        dq = _dq_step(dq, q, do, lse, delta, kT, vT, live, qk_scale, True, DOT_PRECISION)
+
+    # Context: unmasked below the smallest anchor, masked per row up to the largest.
+    min_anchor = tl.min(tl.where(row_ok, row_anchor, max_anchor), 0)
+    ctx_full = (tl.maximum(min_anchor, 0) // BLOCK_N) * BLOCK_N
+    for start_n in range(0, ctx_full, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
+        vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd)
+        dq = _dq_step(dq, q, do, lse, delta, kT, vT, row_ok[:, None], qk_scale, False, DOT_PRECISION)
+    for start_n in range(ctx_full, max_anchor, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < max_anchor
+        kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :], other=0.0)
+        vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=n_ok[None, :], other=0.0)
+        live = offs_n[None, :] < row_anchor[:, None]
+        dq = _dq_step(dq, q, do, lse, delta, kT, vT, live, qk_scale, True, DOT_PRECISION)
+
+    dq = tl.where(kept[:, None], dq * sm_scale, 0.0)
+    tl.store(DQ + q_row[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+
+# Launch configurations: per kernel (BLOCK_M, BLOCK_N, num_warps, num_stages), for the forward,
+# dk/dv and dq kernels. BLOCK_M counts query rows and BLOCK_N keys in all three.
+_INTERPRET_CONFIG = ((32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1))
+
+# Picked without a GPU at hand: each compiles for its class (sm_90 / sm_80 / ~100 KB parts) within
+# the shared memory and with no (or a few bytes of) register spills under triton 3.9's ptxas.
+# Not autotuned; ``tiles=`` overrides the block sizes.
+_GPU_CONFIGS = {
+    # Hopper/Blackwell-class shared memory (>= 200 KB per block).
+    ("large", 64): ((128, 64, 4, 3), (32, 128, 8, 3), (128, 32, 8, 3)),
+    ("large", 128): ((128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)),
+    # A100-class (>= 160 KB).
+    ("medium", 64): ((128, 64, 4, 3), (32, 128, 8, 2), (128, 32, 8, 2)),
+    ("medium", 128): ((128, 64, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2)),
+    # About 100 KB (consumer parts).
+    ("small", 64): ((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)),
+    ("small", 128): ((64, 64, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2)),
+}
+# fp32 runs its products exactly on CUDA cores (no tf32): small tiles.
+_FP32_CONFIGS = {
+    64: ((32, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2)),
+    128: ((32, 16, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_class(device_index: int) -> str:
+    props = torch.cuda.get_device_properties(device_index)
+    smem = int(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
+    return "large" if smem >= 200 * 1024 else "medium" if smem >= 160 * 1024 else "small"
+
+
+def _config(head_dim: int, dtype: torch.dtype, device: torch.device, tiles):
+    """((fwd), (dkdv), (dq)) launch configurations, each (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if device.type != "cuda":
+        config = _INTERPRET_CONFIG
+    else:
+        d = 64 if head_dim <= 64 else 128
+        if dtype == torch.float32:
+            config = _FP32_CONFIGS[d]
+        else:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            config = _GPU_CONFIGS[(_smem_class(index), d)]
+    if tiles:
+        config = tuple((tiles[2 * i], tiles[2 * i + 1], w, s) for i, (_, _, w, s) in enumerate(config))
+    return config
+
+
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 inputs get exact fp32 products ("ieee", not tf32); fp16/bf16 use tl.dot's default.
+    Under the interpreter bf16 operands are widened first (see ``_mm``)."""
+    if dtype == torch.float32:
+        return "ieee"
+    if device.type != "cuda" and dtype == torch.bfloat16:
+        return "upcast"
+    return "default"
+
+
+def _identity(kernel):
+    return kernel
+
+
+def _wrap():
+    """wrap_triton lets torch.compile trace the launches; the interpreter needs the raw kernel."""
+    if triton_interpreting():
+        return _identity
+    from torch.library import wrap_triton
+
+    return wrap_triton
+
+
+def sort_blocks(anchors: torch.Tensor, keep: Optional[torch.Tensor]):
+    """Per batch row, sort the blocks by anchor (stable), dropped blocks first with anchor -1.
+
+    Returns ``(anc [B, N] int32 sorted, perm [B, N] int32)`` where sorted slot ``i`` holds the
+    caller's block ``perm[:, i]``.
+    """
+    key = anchors.to(torch.int32)
+    if keep is not None:
+        key = torch.where(keep, key, torch.full_like(key, -1))
+    anc, perm = torch.sort(key, dim=1, stable=True)
+    return anc.contiguous(), perm.to(torch.int32).contiguous()
+
+
+def _strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+@triton_op("ddiff::anchor_attention_fwd", mutates_args=())
+def anchor_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, anc: torch.Tensor, perm: torch.Tensor,
+    context_len: int, block_size: int, scale: float, tiles: Optional[list[int]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward. ``anc``/``perm`` come from :func:`sort_blocks`. Returns (out, lse)."""
+    B, H, Lq, D = q.shape
+    Hkv = k.shape[1]
+    N = anc.shape[1]
+    out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)  # base 2, sorted row order
+    (fwd_m, fwd_n, warps, stages), _, _ = _config(D, q.dtype, q.device, tiles)
+    grid = (triton.cdiv(Lq, fwd_m), B * H)
+    _wrap()(_anchor_attn_fwd)[grid](
+        q, k, v, out, lse, anc, perm,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        scale * _LOG2E, context_len, N, H, H // Hkv,
+        BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_M=fwd_m, BLOCK_N=fwd_n,
+        DOT_PRECISION=_dot_precision(q.dtype, q.device), num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+@triton_op("ddiff::anchor_attention_bwd", mutates_args=())
+def anchor_attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, anc: torch.Tensor, perm: torch.Tensor,
+    context_len: int, block_size: int, scale: float, tiles: Optional[list[int]] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward: (dq, dk, dv)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    N = anc.shape[1]
+    (fwd_m, _, _, _), (kv_m, kv_n, kv_warps, kv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _config(
+        D, q.dtype, q.device, tiles)
+    wrap = _wrap()
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Hkv, Lk, D), dtype=v.dtype, device=v.device)
+
+    wrap(_anchor_attn_bwd_preprocess)[(triton.cdiv(Lq, fwd_m), B * H)](
+        out, grad_out, delta, anc, perm, *_strides(out), *_strides(grad_out), N, H,
+        BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_M=fwd_m,
+    )
+    num_ctx_tiles = triton.cdiv(context_len, kv_n)
+    # Anchors counted per step when a context key tile looks for its first query row.
+    search = tiles[6] if tiles and len(tiles) > 6 else max(16, min(256, triton.next_power_of_2(N)))
+    precision = _dot_precision(q.dtype, q.device)
+    wrap(_anchor_attn_bwd_dkdv)[(num_ctx_tiles + triton.cdiv(Lq, kv_n), B * Hkv)](
+        q, k, v, grad_out, dk, dv, lse, delta, anc, perm,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+        scale, scale * _LOG2E, context_len, N, H, H // Hkv, num_ctx_tiles,
+        BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_M=kv_m, BLOCK_N=kv_n, SEARCH_BLOCK=search,
+        DOT_PRECISION=precision, num_warps=kv_warps, num_stages=kv_stages,
+    )
+    wrap(_anchor_attn_bwd_dq)[(triton.cdiv(Lq, dq_m), B * H)](
+        q, k, v, grad_out, dq, lse, delta, anc, perm,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+        scale, scale * _LOG2E, context_len, N, H, H // Hkv,
+        BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_M=dq_m, BLOCK_N=dq_n,
+        DOT_PRECISION=precision, num_warps=dq_warps, num_stages=dq_stages,
+    )
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, anc, perm, context_len, block_size, scale, tiles = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, anc, perm)
+    ctx.args = (context_len, block_size, scale, tiles)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, anc, perm = ctx.saved_tensors
+    context_len, block_size, scale, tiles = ctx.args
+    dq, dk, dv = anchor_attention_bwd(grad_out, q, k, v, out, lse, anc, perm, context_len, block_size, scale, tiles)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+anchor_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def anchor_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor, keep: Optional[torch.Tensor],
+    context_len: int, block_size: int, scale: float, tiles=None,
+) -> torch.Tensor:
+    """Triton anchor attention on validated inputs (see ``ddiff.ops.anchor_attention``).
+
+    ``tiles`` overrides the tile sizes (fwd BLOCK_M, fwd BLOCK_N, dkdv BLOCK_M, dkdv BLOCK_N,
+    dq BLOCK_M, dq BLOCK_N[, anchors searched per step]); each a power of two >= 16. Tests use it to
+    cover tile/block alignments; the defaults come from ``_config``.
+    """
+    anc, perm = sort_blocks(anchors, keep)
+    out, _ = anchor_attention_fwd(q, k, v, anc, perm, context_len, block_size, float(scale),
+                                  None if tiles is None else [int(t) for t in tiles])
+    return out
