@@ -212,13 +212,17 @@ def _alpha_rows(name: str, value, x_shape, device) -> Tensor:
 def _check_alphas(alpha_t, alpha_s, x_shape, device):
     a_t = _alpha_rows("alpha_t", alpha_t, x_shape, device)
     a_s = _alpha_rows("alpha_s", alpha_s, x_shape, device)
-    scalars = not isinstance(alpha_t, torch.Tensor) and not isinstance(alpha_s, torch.Tensor)
-    if scalars or eager():
-        for name, a in (("alpha_t", a_t), ("alpha_s", a_s)):
-            if a.numel() and bool(((a < 0) | (a > 1) | torch.isnan(a)).any()):
-                raise ValueError(f"`{name}` must lie in [0, 1].")
-        if a_t.numel() and bool((a_s < a_t).any()):
-            raise ValueError("`alpha_s` must be >= `alpha_t`: s is the less noisy time (s < t).")
+    if isinstance(alpha_t, torch.Tensor) or isinstance(alpha_s, torch.Tensor):
+        checks = [(a_t, "alpha_t"), (a_s, "alpha_s")] if eager() else []
+        values_t, values_s = a_t, a_s
+    else:  # plain floats: checked on constants, so torch.compile sees no sync
+        values_t, values_s = torch.tensor([alpha_t], dtype=torch.float64), torch.tensor([alpha_s], dtype=torch.float64)
+        checks = [(values_t, "alpha_t"), (values_s, "alpha_s")]
+    for a, name in checks:
+        if a.numel() and bool(((a < 0) | (a > 1) | torch.isnan(a)).any()):
+            raise ValueError(f"`{name}` must lie in [0, 1].")
+    if checks and values_t.numel() and bool((values_s < values_t).any()):
+        raise ValueError("`alpha_s` must be >= `alpha_t`: s is the less noisy time (s < t).")
     return a_t, a_s
 
 
