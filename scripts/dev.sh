@@ -32,7 +32,8 @@ fi
 cmd="${1:-test}"
 shift || true
 case "$cmd" in
-    test)  exec "$py" -m pytest -q "$@" ;;
+    # The triton interpreter is single-threaded: spread the tests over the cores.
+    test)  exec "$py" -m pytest -q -n "${DDIFF_TEST_WORKERS:-auto}" "$@" ;;
     bench) exec "$py" -m benchmarks "$@" ;;
     *) echo "usage: bash scripts/dev.sh {test|bench} [args]" >&2; exit 2 ;;
 esac

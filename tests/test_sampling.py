@@ -5,8 +5,12 @@ import math
 import pytest
 import torch
 
+import triton
+import triton.language as tl
+
 import ddiff
 from conftest import DEVICE
+from ddiff.kernels import rng as krng
 from ddiff.reference import rng as ref_rng
 from ddiff.reference.sampling import keep_mask
 
@@ -44,7 +48,7 @@ def test_chi_square_against_filtered_softmax(backend, kwargs):
     # The interpreter runs one program at a time, so the triton backend gets fewer draws; its
     # noise is the torch backend's (test_same_seed_same_tokens_across_backends), so the torch
     # cases carry the statistical power.
-    n = 6000 if backend == "torch" else 600
+    n = 6000 if backend == "torch" else 150
     logits_row = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -1.5, 1.1, 0.7, -3.0])
     logits = logits_row.expand(n, -1).to(DEVICE)
     tokens = ddiff.sample(logits, seed=2024, backend=backend, **kwargs)
@@ -57,7 +61,7 @@ def test_chi_square_spans_several_noise_tiles():
     # V > NOISE_TILE: the tile race must weigh tiles by their mass.
     vocab = 2 * ref_rng.NOISE_TILE + 37
     logits_row = torch.full((vocab,), -30.0)
-    hot = torch.tensor([3, 1500, 1024, 2060, 2100])
+    hot = torch.tensor([3, 1500, 1024, 2060, 2080])
     logits_row[hot] = torch.tensor([0.0, 1.0, -0.5, 0.5, 0.2])
     logits = logits_row.expand(4000, -1).to(DEVICE)
     tokens = ddiff.sample(logits, seed=5, backend="torch")
@@ -106,7 +110,7 @@ def test_same_seed_same_tokens_across_backends(dtype, vocab, filtered):
 
 def test_backends_agree_on_many_rows():
     gen = torch.Generator().manual_seed(99)
-    logits = (torch.randn(200, 300, generator=gen) * 2).to(DEVICE)
+    logits = (torch.randn(64, 300, generator=gen) * 2).to(DEVICE)
     for kwargs in [dict(), dict(top_k=30, top_p=0.85)]:
         a = ddiff.sample(logits, seed=123, backend="torch", **kwargs)
         b = ddiff.sample(logits, seed=123, backend="triton", **kwargs)
@@ -115,12 +119,12 @@ def test_backends_agree_on_many_rows():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_seed_and_offset_determinism(backend):
-    logits = torch.randn(40, 50, device=DEVICE)
+    logits = torch.randn(24, 50, device=DEVICE)
     a = ddiff.sample(logits, seed=7, backend=backend)
     assert torch.equal(a, ddiff.sample(logits, seed=7, backend=backend))
     b = ddiff.sample(logits, seed=7, offset=1, backend=backend)
     c = ddiff.sample(logits, seed=8, backend=backend)
-    assert (a != b).sum() > 15 and (a != c).sum() > 15
+    assert (a != b).sum() > 10 and (a != c).sum() > 10
     torch.manual_seed(0)
     d = ddiff.sample(logits, backend=backend)
     torch.manual_seed(0)
@@ -197,23 +201,29 @@ def test_empty_batch_and_shapes(backend):
 # ---------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _uniform_probe(out_ptr, seed, offset, n_cols, STREAM: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    k0, k1 = krng.rng_key(seed)
+    c2, c3 = krng.rng_counter_hi(offset, STREAM)
+    cols = tl.arange(0, BLOCK)
+    u = krng.philox_uniform(k0, k1, c2, c3, row, cols)
+    tl.store(out_ptr + row * n_cols + cols, u, mask=cols < n_cols)
+
+
+@triton.jit
+def _convert_bits(r0_ptr, r1_ptr, u_ptr, g_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    r0 = tl.load(r0_ptr + i).to(tl.uint32)
+    r1 = tl.load(r1_ptr + i).to(tl.uint32)
+    u = krng.uniform_from_bits(r0, r1)
+    tl.store(u_ptr + i, u)
+    tl.store(g_ptr + i, -tl.log(krng.exponential_from_uniform(u)))
+
+
 def _triton_uniforms(seed, offset, rows, cols, stream):
-    import triton
-    import triton.language as tl
-
-    from ddiff.kernels import rng as krng
-
-    @triton.jit
-    def probe(out_ptr, seed, offset, n_cols, STREAM: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        k0, k1 = krng.rng_key(seed)
-        c2, c3 = krng.rng_counter_hi(offset, STREAM)
-        cols = tl.arange(0, BLOCK)
-        u = krng.philox_uniform(k0, k1, c2, c3, row, cols)
-        tl.store(out_ptr + row * n_cols + cols, u, mask=cols < n_cols)
-
     out = torch.empty(rows, cols, device=DEVICE)
-    probe[(rows,)](out, seed, offset, cols, STREAM=stream, BLOCK=triton.next_power_of_2(cols))
+    _uniform_probe[(rows,)](out, seed, offset, cols, STREAM=stream, BLOCK=triton.next_power_of_2(cols))
     return out
 
 
@@ -253,25 +263,11 @@ def test_smallest_uniform_is_below_2_pow_minus_50():
 
 
 def test_triton_uniform_construction_matches_and_reaches_the_tail():
-    import triton
-    import triton.language as tl
-
-    from ddiff.kernels import rng as krng
-
-    @triton.jit
-    def convert(r0_ptr, r1_ptr, u_ptr, g_ptr, N: tl.constexpr):
-        i = tl.arange(0, N)
-        r0 = tl.load(r0_ptr + i).to(tl.uint32)
-        r1 = tl.load(r1_ptr + i).to(tl.uint32)
-        u = krng.uniform_from_bits(r0, r1)
-        tl.store(u_ptr + i, u)
-        tl.store(g_ptr + i, -tl.log(krng.exponential_from_uniform(u)))
-
     r0 = torch.tensor([0, 0, 255, 256, 0xFFFFFFFF, 0x80000000, 12345678, 0], dtype=torch.int64, device=DEVICE)
     r1 = torch.tensor([0, 256, 0, 0, 0xFFFFFFFF, 0, 87654321, 0xFFFFFFFF], dtype=torch.int64, device=DEVICE)
     u = torch.empty(8, device=DEVICE)
     g = torch.empty(8, device=DEVICE)
-    convert[(1,)](r0.to(torch.int32), r1.to(torch.int32), u, g, N=8)
+    _convert_bits[(1,)](r0.to(torch.int32), r1.to(torch.int32), u, g, N=8)
     assert torch.equal(u, ref_rng.uniform_from_bits(r0, r1))
     assert u[0].item() <= 2.0**-50
     assert torch.allclose(g, -torch.log(ref_rng.exponential_from_uniform(u)), rtol=1e-6)
