@@ -24,9 +24,9 @@ def suppress(logits2d: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-def row_uniform(seed_rows: torch.Tensor, offset: int, stream: int, index: int = 0) -> torch.Tensor:
-    """One uniform per row from ``stream`` (fp32, in (0, 1])."""
-    rows = torch.arange(seed_rows.numel(), device=seed_rows.device)
+def row_uniform(seed_rows: torch.Tensor, offset: int, stream: int, index: int = 0, row_ids=None) -> torch.Tensor:
+    """One uniform per row from ``stream`` (fp32, in (0, 1]); ``row_ids`` default to 0..R-1."""
+    rows = torch.arange(seed_rows.numel(), device=seed_rows.device) if row_ids is None else row_ids
     return philox_uniform(seed_rows, offset, rows, torch.full_like(rows, index), stream)
 
 
@@ -49,7 +49,7 @@ def confidence_of(dist_logits: torch.Tensor, tokens: torch.Tensor, kind: str) ->
 
 
 def predict_tokens_reference(logits2d, mask, temperature, top_k, top_p, min_p, seed_rows, offset: int, *,
-                             confidence: str, confidence_from: str, suppress_ids=None):
+                             confidence: str, confidence_from: str, suppress_ids=None, row_ids=None):
     """Tokens and confidences for every row; rows with ``mask`` False get (-1, -inf).
 
     The token is ``sample_reference`` on the suppressed logits. The confidence is measured
@@ -59,20 +59,27 @@ def predict_tokens_reference(logits2d, mask, temperature, top_k, top_p, min_p, s
     temperature 1). ``"random"`` is a uniform from its own stream (LLaDA remasking="random").
     """
     rows = logits2d.shape[0]
+    if mask is not None:
+        # Only the masked rows are computed; the noise is keyed on the row index, so the
+        # subset draws what the whole batch would.
+        picked = torch.nonzero(mask).squeeze(-1)
+        sub_tokens, sub_conf = predict_tokens_reference(
+            logits2d[picked], None, temperature[picked], top_k[picked], top_p[picked], min_p[picked],
+            seed_rows[picked], offset, confidence=confidence, confidence_from=confidence_from,
+            suppress_ids=suppress_ids, row_ids=picked)
+        tokens = torch.full((rows,), -1, dtype=torch.int64, device=logits2d.device)
+        conf = torch.full((rows,), float("-inf"), dtype=torch.float32, device=logits2d.device)
+        return tokens.index_copy(0, picked, sub_tokens), conf.index_copy(0, picked, sub_conf)
     x = suppress(logits2d, suppress_ids)
-    tokens, _ = sample_reference(x, temperature, top_k, top_p, min_p, seed_rows, offset)
+    tokens, _ = sample_reference(x, temperature, top_k, top_p, min_p, seed_rows, offset, row_ids=row_ids)
     if confidence == "random":
-        conf = row_uniform(seed_rows, offset, STREAM_CONFIDENCE)
+        conf = row_uniform(seed_rows, offset, STREAM_CONFIDENCE, row_ids=row_ids)
     elif confidence_from == "raw":
         conf = confidence_of(x.float(), tokens, confidence)
     else:
         keep, z = keep_mask(x, temperature, top_k, top_p, min_p)
         conf = confidence_of(z.masked_fill(~keep, float("-inf")), tokens, confidence)
-    if mask is None:
-        return tokens, conf.float()
-    tokens = torch.where(mask, tokens, torch.full_like(tokens, -1))
-    conf = torch.where(mask, conf.float(), torch.full((rows,), float("-inf"), device=x.device))
-    return tokens, conf
+    return tokens, conf.float()
 
 
 def masked_invalid_rows(logits2d, mask, temperature, suppress_ids=None):

@@ -51,15 +51,16 @@ def keep_mask(logits2d: torch.Tensor, temperature, top_k, top_p, min_p):
     if rows == 0:
         return keep, z
 
-    order = torch.argsort(x, dim=-1, descending=True, stable=True)
-    x_sorted = x.gather(-1, order)
-
     k_active = (top_k > 0) & (top_k < vocab)
+    p_active = top_p < 1
+    if bool(k_active.any()) or bool(p_active.any()):
+        order = torch.argsort(x, dim=-1, descending=True, stable=True)
+        x_sorted = x.gather(-1, order)
+
     if bool(k_active.any()):
         kth = x_sorted.gather(-1, (top_k.clamp(1, vocab) - 1).long()[:, None])
         keep &= (x >= kth) | ~k_active[:, None]
 
-    p_active = top_p < 1
     z_max = z.max(-1, keepdim=True).values
     e = torch.exp(z - z_max)
     if bool(p_active.any()):
@@ -81,11 +82,12 @@ def filter_logits_reference(logits2d, top_k, top_p, min_p) -> torch.Tensor:
     return logits2d.masked_fill(~keep, float("-inf"))
 
 
-def sample_reference(logits2d, temperature, top_k, top_p, min_p, seed, offset: int):
+def sample_reference(logits2d, temperature, top_k, top_p, min_p, seed, offset: int, row_ids=None):
     """Tokens (int64 [R]) and their fp32 probabilities under the filtered sampling distribution.
 
     Greedy rows (``temperature == 0``) return the first maximal index, with its probability
-    under the filtered softmax at temperature 1.
+    under the filtered softmax at temperature 1. ``row_ids`` are the rows' indices in the
+    noise counter (default 0..R-1), for callers that pass a subset of a batch.
     """
     rows, vocab = logits2d.shape
     device = logits2d.device
@@ -97,7 +99,7 @@ def sample_reference(logits2d, temperature, top_k, top_p, min_p, seed, offset: i
     num_tiles = -(-vocab // NOISE_TILE)
     padded = F.pad(z_kept, (0, num_tiles * NOISE_TILE - vocab), value=float("-inf"))
     tile_lse = torch.logsumexp(padded.view(rows, num_tiles, NOISE_TILE), dim=-1)
-    row_ids = torch.arange(rows, device=device)[:, None]
+    row_ids = (torch.arange(rows, device=device) if row_ids is None else row_ids)[:, None]
     seed = seed.to(device)[:, None]
     tile_ids = torch.arange(num_tiles, device=device)[None, :]
     tile = torch.argmax(tile_lse + philox_gumbel(seed, offset, row_ids, tile_ids, STREAM_TILE), dim=-1)
