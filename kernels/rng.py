@@ -7,7 +7,11 @@ uniform) is exact in both backends; only ``log`` may differ by an ulp.
 import triton
 import triton.language as tl
 
-from ddiff.reference.rng import MIN_ONE_MINUS_U, SMALL_U
+from ddiff.reference import rng as _rng
+
+# Globals read inside @triton.jit functions must be constexpr.
+MIN_ONE_MINUS_U = tl.constexpr(_rng.MIN_ONE_MINUS_U)
+SMALL_U = tl.constexpr(_rng.SMALL_U)
 
 
 @triton.jit

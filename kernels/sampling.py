@@ -23,11 +23,18 @@ import triton
 import triton.language as tl
 
 from ddiff.kernels.rng import philox_gumbel, philox_uniform, rng_counter_hi, rng_key
-from ddiff.reference.rng import NOISE_TILE, STREAM_CONFIDENCE, STREAM_POSTERIOR, STREAM_TILE, STREAM_TOKEN
+from ddiff.reference import rng as _rng
+
+# Globals read inside @triton.jit functions must be constexpr.
+NOISE_TILE = _rng.NOISE_TILE
+STREAM_TOKEN = tl.constexpr(_rng.STREAM_TOKEN)
+STREAM_TILE = tl.constexpr(_rng.STREAM_TILE)
+STREAM_CONFIDENCE = tl.constexpr(_rng.STREAM_CONFIDENCE)
+STREAM_POSTERIOR = tl.constexpr(_rng.STREAM_POSTERIOR)
 
 NUM_PIVOTS = 16
 SEARCH_BLOCK = 1024
-_NEG_INF = float("-inf")
+_NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
@@ -344,7 +351,7 @@ def _row_kernel(
         ref_max = tl.full([], 0.0, tl.float32)
         bad = tl.full([], 0, tl.int32)
         if FILTERED:
-            z_max, _, key_min, key_max, bad = _row_stats(row_ptr, V, temp, supp_ptr, NUM_SUPPRESS, KEY_SHIFT,
+            z_max, _first_max, key_min, key_max, bad = _row_stats(row_ptr, V, temp, supp_ptr, NUM_SUPPRESS, KEY_SHIFT,
                                                          SEARCH_BLOCK)
             ref_max = tl.where(z_max > _NEG_INF, z_max, 0.0)
             if bad == 0:
@@ -383,7 +390,7 @@ def _row_kernel(
             arg = tl.where(t_max > s_max, t_arg.to(tl.int64) + tile * NOISE_TILE, arg)
             s_max, s_sum, s_t1, s_m2 = _merge_stats(s_max, s_sum, s_t1, s_m2, t_max, t_sum, t_t1, t_m2)
             if CONF_RAW:
-                u_max, u_sum, u_t1, u_m2, _ = _tile_stats(x, inb)
+                u_max, u_sum, u_t1, u_m2, _u_arg = _tile_stats(x, inb)
                 r_max, r_sum, r_t1, r_m2 = _merge_stats(r_max, r_sum, r_t1, r_m2, u_max, u_sum, u_t1, u_m2)
         bad = bad | (s_max == _NEG_INF).to(tl.int32)
 

@@ -1,0 +1,74 @@
+"""Compile ddiff's sampling kernels to PTX/cubin for a GPU target, without a GPU.
+
+Run in a process without TRITON_INTERPRET: ``python tests/tools/compile_for_gpu.py [arch]``.
+Catches what the interpreter does not: type errors of compiled Triton, loop-carried type
+changes, register spills (reported). Exits non-zero on the first failure.
+"""
+
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from ddiff.kernels import sampling as ks  # noqa: E402
+
+
+def compile_one(kernel, signature, constexprs, arch, num_warps):
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    ptx = compiled.asm["ptx"]
+    return "st.local" in ptx
+
+
+def main(arch=90):
+    row = {"logits_ptr": "*bf16", "stride_row": "i64", "V": "i32", "num_tiles": "i32", "mask_ptr": "*i1",
+           "supp_ptr": "*i64", "gate_ptr": "*fp32", "query_ptr": "*i64", "temp_ptr": "*fp32", "temp_value": "fp32",
+           "top_k_ptr": "*i64", "top_k_value": "i32", "top_p_ptr": "*fp32", "top_p_value": "fp32",
+           "min_p_ptr": "*fp32", "min_p_value": "fp32", "seed_ptr": "*i64", "seed_stride": "i32",
+           "seed_value": "i64", "offset": "i64", "tokens_ptr": "*i64", "conf_ptr": "*fp32"}
+    failures = 0
+    for dtype, shift in (("*bf16", 16), ("*fp16", 13), ("*fp32", 0)):
+        for filtered in (False, True):
+            for conf in range(4):
+                for flags in ((False, 0, False, False), (True, 2, True, True)):
+                    has_mask, n_supp, has_gate, has_query = flags
+                    sig = dict(row, logits_ptr=dtype)
+                    const = dict(HAS_MASK=has_mask, NUM_SUPPRESS=n_supp, HAS_GATE=has_gate, HAS_QUERY=has_query,
+                                 HAS_TEMP=filtered, HAS_TOP_K=filtered, HAS_TOP_P=filtered, HAS_MIN_P=False,
+                                 HAS_SEED=True, FILTERED=filtered, CONFIDENCE=conf, CONF_RAW=conf % 2 == 0,
+                                 KEY_SHIFT=shift, NUM_PIVOTS=ks.NUM_PIVOTS, SEARCH_BLOCK=ks.SEARCH_BLOCK,
+                                 NOISE_TILE=ks.NOISE_TILE, TILE_BLOCK=ks.NOISE_TILE)
+                    spills = compile_one(ks._row_kernel, sig, const, arch, 8 if filtered else 4)
+                    print(f"_row_kernel {dtype} filtered={filtered} conf={conf} flags={flags}: ok"
+                          + (" (spills)" if spills else ""))
+    part = {"logits_ptr": "*bf16", "stride_row": "i64", "V": "i32", "num_tiles": "i32", "tiles_per_part": "i32",
+            "temp_ptr": "*fp32", "temp_value": "fp32", "seed_ptr": "*i64", "seed_stride": "i32", "seed_value": "i64",
+            "offset": "i64", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_score_ptr": "*fp32",
+            "part_tile_ptr": "*i32", "part_arg_ptr": "*i64", "part_flags_ptr": "*i32"}
+    for has_temp in (False, True):
+        const = dict(HAS_TEMP=has_temp, HAS_SEED=True, NOISE_TILE=ks.NOISE_TILE, TILE_BLOCK=ks.NOISE_TILE)
+        compile_one(ks._sample_partial_kernel, part, const, arch, 4)
+        fin = {k: v for k, v in part.items() if k not in ("num_tiles", "tiles_per_part")}
+        fin = {"logits_ptr": "*bf16", "stride_row": "i64", "V": "i32", "num_parts": "i32", **{
+            k: v for k, v in fin.items() if k not in ("logits_ptr", "stride_row", "V")}, "tokens_ptr": "*i64",
+            "probs_ptr": "*fp32"}
+        compile_one(ks._sample_finalize_kernel, fin, dict(const, PARTS_BLOCK=64), arch, 4)
+        print(f"_sample_partial/_finalize HAS_TEMP={has_temp}: ok")
+    flt = {"logits_ptr": "*bf16", "stride_row": "i64", "out_ptr": "*bf16", "out_stride_row": "i64", "bad_ptr": "*i8",
+           "V": "i32", "top_k_ptr": "*i64", "top_k_value": "i32", "top_p_ptr": "*fp32", "top_p_value": "fp32",
+           "min_p_ptr": "*fp32", "min_p_value": "fp32"}
+    compile_one(ks._filter_logits_kernel, flt, dict(HAS_TOP_K=True, HAS_TOP_P=False, HAS_MIN_P=True, KEY_SHIFT=16,
+                                                    NUM_PIVOTS=ks.NUM_PIVOTS, SEARCH_BLOCK=ks.SEARCH_BLOCK), arch, 8)
+    print("_filter_logits_kernel: ok")
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 90))
