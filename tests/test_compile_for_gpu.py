@@ -14,7 +14,7 @@ import pytest
 TOOL = os.path.join(os.path.dirname(__file__), "tools", "compile_for_gpu.py")
 
 
-@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("arch", [90])
 def test_sampling_kernels_compile(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, TOOL, str(arch)], env=env, capture_output=True, text=True, timeout=900)

@@ -34,20 +34,20 @@ def main(arch=90):
            "min_p_ptr": "*fp32", "min_p_value": "fp32", "seed_ptr": "*i64", "seed_stride": "i32",
            "seed_value": "i64", "offset": "i64", "tokens_ptr": "*i64", "conf_ptr": "*fp32"}
     failures = 0
-    for dtype, shift in (("*bf16", 16), ("*fp16", 13), ("*fp32", 0)):
+    dtypes = (("*bf16", 16), ("*fp16", 13), ("*fp32", 0), ("*bf16", 16))
+    for conf, (dtype, shift) in enumerate(dtypes):  # every confidence kind, every dtype once
         for filtered in (False, True):
-            for conf in range(4):
-                for flags in ((False, 0, False, False), (True, 2, True, True)):
-                    has_mask, n_supp, has_gate, has_query = flags
-                    sig = dict(row, logits_ptr=dtype)
-                    const = dict(HAS_MASK=has_mask, NUM_SUPPRESS=n_supp, HAS_GATE=has_gate, HAS_QUERY=has_query,
-                                 HAS_TEMP=filtered, HAS_TOP_K=filtered, HAS_TOP_P=filtered, HAS_MIN_P=False,
-                                 HAS_SEED=True, FILTERED=filtered, CONFIDENCE=conf, CONF_RAW=conf % 2 == 0,
-                                 KEY_SHIFT=shift, NUM_PIVOTS=ks.NUM_PIVOTS, SEARCH_BLOCK=ks.SEARCH_BLOCK,
-                                 NOISE_TILE=ks.NOISE_TILE, TILE_BLOCK=ks.NOISE_TILE)
-                    spills = compile_one(ks._row_kernel, sig, const, arch, 8 if filtered else 4)
-                    print(f"_row_kernel {dtype} filtered={filtered} conf={conf} flags={flags}: ok"
-                          + (" (spills)" if spills else ""))
+            for flags in ((False, 0, False, False), (True, 2, True, True)):
+                has_mask, n_supp, has_gate, has_query = flags
+                sig = dict(row, logits_ptr=dtype)
+                const = dict(HAS_MASK=has_mask, NUM_SUPPRESS=n_supp, HAS_GATE=has_gate, HAS_QUERY=has_query,
+                             HAS_TEMP=filtered, HAS_TOP_K=filtered, HAS_TOP_P=filtered, HAS_MIN_P=False,
+                             HAS_SEED=True, FILTERED=filtered, CONFIDENCE=conf, CONF_RAW=conf % 2 == 0,
+                             KEY_SHIFT=shift, NUM_PIVOTS=ks.NUM_PIVOTS, SEARCH_BLOCK=ks.SEARCH_BLOCK,
+                             NOISE_TILE=ks.NOISE_TILE, TILE_BLOCK=ks.NOISE_TILE)
+                spills = compile_one(ks._row_kernel, sig, const, arch, 8 if filtered else 4)
+                print(f"_row_kernel {dtype} filtered={filtered} conf={conf} flags={flags}: ok"
+                      + (" (spills)" if spills else ""))
     part = {"logits_ptr": "*bf16", "stride_row": "i64", "V": "i32", "num_tiles": "i32", "tiles_per_part": "i32",
             "temp_ptr": "*fp32", "temp_value": "fp32", "seed_ptr": "*i64", "seed_stride": "i32", "seed_value": "i64",
             "offset": "i64", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_score_ptr": "*fp32",

@@ -1,0 +1,649 @@
+"""BlockDiffusionPipeline on tiny transformers models (CPU; Triton interpreted).
+
+* A 2-layer Qwen3 trained by ``scripts/train_tiny_block_model.py`` to copy its prompt must be
+  decoded correctly (>= 95% of tokens) in every attention kind it was trained for; an untrained
+  model must fail the same check.
+* LLaDA's ``generate`` loop, re-implemented here from its published algorithm (Gumbel noise,
+  even per-step budget, low_confidence / random remasking, unsupervised CFG), gives the same
+  tokens as the pipeline, greedy and with seeds (its noise drawn from ddiff's Philox streams).
+* The KV-cache path gives the same tokens as recomputing the prefix; the torch and triton
+  backends give the same tokens; max_new_tokens is honoured exactly; EOS early stop works.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddiff.pipelines import BlockDiffusionPipeline, BlockDiffusionPipelineOutput
+from ddiff.pipelines.utils import DiscreteDiffusionPipelineOutput
+from ddiff.reference.rng import STREAM_CONFIDENCE, STREAM_TOKEN, exponential_from_uniform, philox_uniform
+
+ASSET = os.path.join(os.path.dirname(__file__), "assets", "tiny_block_copy")
+META = json.load(open(ASSET + ".json"))
+TOK = META["tokens"]
+PAD, BOS, SEP, EOS, MASK = TOK["pad"], TOK["bos"], TOK["sep"], TOK["eos"], TOK["mask"]
+SYMBOLS = list(range(TOK["first_symbol"], TOK["first_symbol"] + TOK["num_symbols"]))
+LETTERS = "abcdefghijklmnop"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls on shared cores are far faster single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def _qwen3(config: dict):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**config)
+    cfg._attn_implementation = "sdpa"
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def trained_model():
+    from safetensors.torch import load_file
+
+    model = _qwen3(META["model_config"])
+    model.load_state_dict(load_file(ASSET + ".safetensors"))
+    return model
+
+
+def untrained_model():
+    torch.manual_seed(0)
+    return _qwen3(META["model_config"])
+
+
+def random_model(seed: int = 0, vocab: int = 32, std: float = 0.3):
+    """A random 2-layer Qwen3 (hidden 64) with spread-out logits."""
+    torch.manual_seed(seed)
+    model = _qwen3(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, std)
+    return model
+
+
+class LLaDALike(torch.nn.Module):
+    """A causal transformers LM made bidirectional, with LLaDA's call signature.
+
+    ``forward(input_ids, attention_mask=None)``: no position ids, a 2-D padding mask. The mask
+    token's logit is pushed far down (a trained LLaDA never predicts it).
+    """
+
+    def __init__(self, lm, mask_id: int = MASK):
+        super().__init__()
+        self.lm = lm
+        self.mask_id = mask_id
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids, attention_mask=None):
+        B, T = input_ids.shape
+        keys = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        allowed = keys[:, None, None, :] | torch.eye(T, dtype=torch.bool)[None, None]
+        additive = torch.zeros(B, 1, T, T).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        logits = self.lm(input_ids=input_ids, attention_mask=additive).logits.clone()
+        logits[..., self.mask_id] = -1e4
+        return SimpleNamespace(logits=logits)
+
+
+class ForcedToken(torch.nn.Module):
+    """Wraps a model and makes one token overwhelmingly likely everywhere."""
+
+    def __init__(self, lm, token: int):
+        super().__init__()
+        self.lm, self.token = lm, token
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, use_cache=use_cache)
+        logits = out.logits.clone()
+        logits[..., self.token] = 50.0
+        return SimpleNamespace(logits=logits)
+
+
+class ShiftedOutput(torch.nn.Module):
+    """Returns the inner model's logits shifted right by one (what Dream's sampler does itself)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return SimpleNamespace(logits=torch.cat([logits[:, :1], logits[:, :-1]], dim=1))
+
+
+def make_tokenizer():
+    """A word-level tokenizer for the copy task: 'a b c' -> BOS a b c SEP."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    names = ["<pad>", "<s>", "<sep>", "</s>", "<mask>"] + list(LETTERS)
+    names += [f"<unused{i}>" for i in range(META["model_config"]["vocab_size"] - len(names))]
+    vocab = {t: i for i, t in enumerate(names)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A <sep>", special_tokens=[("<s>", BOS),
+                                                                                             ("<sep>", SEP)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   mask_token="<mask>", sep_token="<sep>")
+
+
+# ---------------------------------------------------------------------------------------------
+# the copy task
+# ---------------------------------------------------------------------------------------------
+def copy_examples(num: int, seed: int):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num):
+        n = rng.randint(3, 10)
+        symbols = [SYMBOLS[i] for i in rng.sample(range(len(SYMBOLS)), n)]
+        out.append(([BOS] + symbols + [SEP], symbols))
+    return out
+
+
+def left_pad(prompts):
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def copy_accuracy(pipe, examples, max_new_tokens: int, **kwargs) -> float:
+    """Fraction of the expected tokens (symbols, then EOS to the end) the pipeline produces."""
+    ids, mask = left_pad([p for p, _ in examples])
+    out = pipe(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_early_stop=False,
+               progress=False, **kwargs)
+    assert out.sequences.shape == (len(examples), max_new_tokens)
+    correct = total = 0
+    for row, (_, symbols) in zip(out.sequences.tolist(), examples):
+        expected = (symbols + [EOS] * max_new_tokens)[:max_new_tokens]
+        correct += sum(int(a == b) for a, b in zip(row, expected))
+        total += max_new_tokens
+    return correct / total
+
+
+MODES = [
+    pytest.param(dict(attention="bidirectional"), id="bidirectional"),
+    pytest.param(dict(attention="block_causal", use_kv_cache=True), id="block_causal-kv"),
+    pytest.param(dict(attention="block_causal", use_kv_cache=False), id="block_causal-recompute"),
+    pytest.param(dict(attention="causal", use_kv_cache=True), id="causal-kv"),
+]
+RULES = [
+    pytest.param(dict(steps_per_block=4), id="llada-schedule"),
+    pytest.param(dict(threshold=0.9), id="fast-dllm-threshold"),
+    pytest.param(dict(steps_per_block=2, threshold=0.9), id="sdar-dynamic"),
+]
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("mode", MODES)
+def test_trained_model_copies_prompt(mode, rule):
+    assert mode["attention"] in META["trained_attention"]
+    pipe = BlockDiffusionPipeline(trained_model(), mask_token_id=MASK, eos_token_id=EOS, backend="torch", **mode)
+    acc = copy_accuracy(pipe, copy_examples(16, seed=7), max_new_tokens=14, block_length=4, **rule)
+    assert acc >= 0.95, f"copy accuracy {acc:.3f}"
+
+
+def test_accuracy_check_rejects_an_untrained_model():
+    pipe = BlockDiffusionPipeline(untrained_model(), mask_token_id=MASK, eos_token_id=EOS, backend="torch")
+    acc = copy_accuracy(pipe, copy_examples(16, seed=7), max_new_tokens=14, block_length=4, steps_per_block=4)
+    assert acc < 0.5
+
+
+def test_trained_model_with_text_prompts_and_early_stop():
+    tok = make_tokenizer()
+    pipe = BlockDiffusionPipeline(trained_model(), tok, backend="torch", attention="block_causal")
+    assert pipe.mask_token_id == MASK
+    prompts = ["a b c", "p o n m l k j", "c a f e"]
+    out = pipe(prompts, max_new_tokens=16, block_length=4, steps_per_block=4, progress=False)
+    assert isinstance(out, BlockDiffusionPipelineOutput) and isinstance(out, DiscreteDiffusionPipelineOutput)
+    assert out.texts == prompts
+    # stopped at EOS: the longest answer is 7 symbols + EOS; shorter rows are padded after their EOS
+    assert out.sequences.shape == (3, 8)
+    assert out.sequences[0].tolist() == [5, 6, 7, EOS] + [PAD] * 4
+    assert out.finished.tolist() == [True, True, True]
+    full = pipe(prompts, max_new_tokens=16, block_length=4, steps_per_block=4, eos_early_stop=False, progress=False)
+    assert full.sequences.shape == (3, 16) and full.texts == prompts
+    assert out.nfe < full.nfe and len(out.block_times) < len(full.block_times)
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaDA's generate, restated
+# ---------------------------------------------------------------------------------------------
+def llada_num_transfer_tokens(mask_index, steps):
+    mask_num = mask_index.sum(dim=1, keepdim=True)
+    base, remainder = mask_num // steps, mask_num % steps
+    out = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
+    for i in range(mask_num.size(0)):
+        out[i, : remainder[i]] += 1
+    return out
+
+
+def llada_gumbel(logits, temperature, exponential):
+    """LLaDA's add_gumbel_noise: exp(logits) / E^T in float64, with E = -log(U) exponential."""
+    if temperature == 0:
+        return logits
+    return logits.to(torch.float64).exp() / exponential.to(torch.float64) ** temperature
+
+
+@torch.no_grad()
+def llada_generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128, temperature=0.0,
+                   cfg_scale=0.0, remasking="low_confidence", mask_id=MASK, exponential_fn=None, uniform_fn=None):
+    """LLaDA's semi-autoregressive sampler. ``exponential_fn(step, block_start, block_end, shape)``
+    and ``uniform_fn(step, block_start, block_end, shape)`` supply its noise (default torch.rand)."""
+    B, P = prompt.shape
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long)
+    x[:, :P] = prompt.clone()
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=attention_mask.dtype)], dim=-1)
+    prompt_index = x != mask_id
+    assert gen_length % block_length == 0
+    num_blocks = gen_length // block_length
+    assert steps % num_blocks == 0
+    steps = steps // num_blocks
+    counter = 0
+    for num_block in range(num_blocks):
+        bs, be = P + num_block * block_length, P + (num_block + 1) * block_length
+        num_transfer = llada_num_transfer_tokens(x[:, bs:be] == mask_id, steps)
+        for i in range(steps):
+            mask_index = x == mask_id
+            if cfg_scale > 0.0:
+                un_x = x.clone()
+                un_x[prompt_index] = mask_id
+                am = None if attention_mask is None else torch.cat([attention_mask, attention_mask], dim=0)
+                logits = model(torch.cat([x, un_x], dim=0), attention_mask=am).logits
+                logits, un_logits = torch.chunk(logits, 2, dim=0)
+                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+            else:
+                logits = model(x, attention_mask=attention_mask).logits
+            if exponential_fn is None:
+                exponential = -torch.log(torch.rand_like(logits, dtype=torch.float64))
+            else:
+                exponential = exponential_fn(counter, bs, be, logits.shape)
+            x0 = torch.argmax(llada_gumbel(logits, temperature, exponential), dim=-1)
+            if remasking == "low_confidence":
+                p = F.softmax(logits.to(torch.float64), dim=-1)
+                x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+            elif remasking == "random":
+                x0_p = torch.rand(x0.shape, dtype=torch.float64) if uniform_fn is None else \
+                    uniform_fn(counter, bs, be, x0.shape)
+            else:
+                raise NotImplementedError(remasking)
+            x0_p[:, be:] = float("-inf")
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, float("-inf"))
+            transfer = torch.zeros_like(x0, dtype=torch.bool)
+            for j in range(confidence.shape[0]):
+                _, select = torch.topk(confidence[j], k=int(num_transfer[j, i]))
+                transfer[j, select] = True
+            x[transfer] = x0[transfer]
+            counter += 1
+    return x
+
+
+def philox_noise(seed: int):
+    """LLaDA noise drawn from ddiff's streams: the pipeline predicts on block-shaped logits, so
+    block position j of row b is noise row ``b * block_len + j`` at offset = global step."""
+
+    def block_rows(bs, be, shape):
+        B, L = shape[0], shape[1]
+        rows = torch.full((B, L), -1, dtype=torch.int64)
+        rows[:, bs:be] = torch.arange(B)[:, None] * (be - bs) + torch.arange(be - bs)[None, :]
+        return rows
+
+    def exponential_fn(step, bs, be, shape):
+        B, L, V = shape
+        e = -torch.log(torch.rand(shape, dtype=torch.float64))
+        rows = block_rows(bs, be, shape)[:, bs:be, None]
+        cols = torch.arange(V)[None, None, :]
+        u = philox_uniform(torch.tensor(seed), step, rows, cols, STREAM_TOKEN)
+        e[:, bs:be] = exponential_from_uniform(u).to(torch.float64)
+        return e
+
+    def uniform_fn(step, bs, be, shape):
+        u = torch.rand(shape, dtype=torch.float64)
+        rows = block_rows(bs, be, shape)[:, bs:be]
+        u[:, bs:be] = philox_uniform(torch.tensor(seed), step, rows, torch.zeros_like(rows), STREAM_CONFIDENCE).double()
+        return u
+
+    return exponential_fn, uniform_fn
+
+
+LLADA_CASES = [
+    pytest.param(dict(), id="greedy"),
+    pytest.param(dict(cfg_scale=1.5), id="greedy-cfg"),
+    pytest.param(dict(temperature=0.8, seed=11), id="seeded"),
+    pytest.param(dict(temperature=0.5, seed=3, cfg_scale=0.5), id="seeded-cfg"),
+    pytest.param(dict(remasking="random", seed=5), id="random-remasking"),
+]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["one-prompt", "left-padded-batch"])
+@pytest.mark.parametrize("case", LLADA_CASES)
+def test_matches_llada_generate(case, padded):
+    model = LLaDALike(random_model(seed=1))
+    if padded:
+        prompt, attention_mask = torch.tensor([[0, 0, 1, 9, 12, 2], [1, 17, 5, 20, 8, 2]]), \
+            torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    else:
+        prompt, attention_mask = torch.tensor([[1, 9, 12, 30, 7, 2]]), None
+    gen_length, block_length, steps = 16, 8, 8
+    seed = case.get("seed")
+    exponential_fn, uniform_fn = philox_noise(seed) if seed is not None else (None, None)
+    expected = llada_generate(model, prompt, attention_mask, steps=steps, gen_length=gen_length,
+                              block_length=block_length, temperature=case.get("temperature", 0.0),
+                              cfg_scale=case.get("cfg_scale", 0.0), remasking=case.get("remasking", "low_confidence"),
+                              exponential_fn=exponential_fn, uniform_fn=uniform_fn)
+    pipe = BlockDiffusionPipeline(model, mask_token_id=MASK, attention="bidirectional", attention_mask_format="2d",
+                                  backend="torch")
+    out = pipe(input_ids=prompt, attention_mask=attention_mask, max_new_tokens=gen_length, block_length=block_length,
+               steps_per_block=steps // (gen_length // block_length), eos_early_stop=False, progress=False, **case)
+    assert out.sequences.tolist() == expected[:, prompt.shape[1]:].tolist()
+    assert out.nfe == steps and out.steps == steps
+
+
+# ---------------------------------------------------------------------------------------------
+# cache vs recompute, backends, shapes
+# ---------------------------------------------------------------------------------------------
+CACHE_CASES = [
+    pytest.param(dict(steps_per_block=3), id="schedule"),
+    pytest.param(dict(threshold=0.3), id="threshold"),
+    pytest.param(dict(factor=1.0), id="factor"),
+    pytest.param(dict(steps_per_block=2, logits_shift=True), id="shift"),
+    pytest.param(dict(steps_per_block=3, cfg_scale=1.0), id="cfg"),
+    pytest.param(dict(steps_per_block=3, temperature=1.0, top_k=8, seed=4), id="seeded"),
+    pytest.param(dict(threshold=0.3, editing_threshold=0.2, max_post_steps=2), id="editing"),
+]
+
+
+@pytest.mark.parametrize("case", CACHE_CASES)
+@pytest.mark.parametrize("attention", ["block_causal", "causal"])
+def test_kv_cache_matches_recompute(attention, case):
+    model = random_model(seed=2)
+    ids, mask = torch.tensor([[0, 0, 1, 9, 12, 2], [1, 17, 5, 20, 8, 2]]), torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    outs = []
+    for cache in (True, False):
+        pipe = BlockDiffusionPipeline(model, mask_token_id=MASK, attention=attention, use_kv_cache=cache,
+                                      backend="torch")
+        outs.append(pipe(input_ids=ids, attention_mask=mask, max_new_tokens=11, block_length=4, eos_token_id=3,
+                         eos_early_stop=False, progress=False, **case))
+    assert outs[0].sequences.tolist() == outs[1].sequences.tolist()
+    assert outs[0].nfe == outs[1].nfe and outs[0].steps == outs[1].steps
+    assert not (outs[0].sequences == MASK).any()
+
+
+def test_kv_cache_matches_recompute_on_trained_model():
+    examples = copy_examples(8, seed=3)
+    ids, mask = left_pad([p for p, _ in examples])
+    outs = [
+        BlockDiffusionPipeline(trained_model(), mask_token_id=MASK, attention="block_causal", use_kv_cache=c,
+                               backend="torch")(input_ids=ids, attention_mask=mask, max_new_tokens=13,
+                                                block_length=3, threshold=0.9, eos_early_stop=False, progress=False)
+        for c in (True, False)
+    ]
+    assert outs[0].sequences.tolist() == outs[1].sequences.tolist()
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
+def test_logits_shift_uses_previous_position(attention):
+    """Shifting in the pipeline equals a model that shifts its own output (Dream's convention)."""
+    model = random_model(seed=3)
+    ids = torch.tensor([[1, 9, 12, 30, 7, 2]])
+    kwargs = dict(input_ids=ids, max_new_tokens=9, block_length=4, steps_per_block=2, progress=False,
+                  eos_early_stop=False)
+    plain = BlockDiffusionPipeline(ShiftedOutput(model), mask_token_id=MASK, attention=attention,
+                                   use_kv_cache=False, backend="torch")(**kwargs)
+    shifted = BlockDiffusionPipeline(model, mask_token_id=MASK, attention=attention, use_kv_cache=False,
+                                     backend="torch")(logits_shift=True, **kwargs)
+    unshifted = BlockDiffusionPipeline(model, mask_token_id=MASK, attention=attention, use_kv_cache=False,
+                                       backend="torch")(**kwargs)
+    assert shifted.sequences.tolist() == plain.sequences.tolist()
+    assert shifted.sequences.tolist() != unshifted.sequences.tolist()
+
+
+TRITON_CASES = [
+    pytest.param(dict(steps_per_block=3), id="greedy-schedule"),
+    pytest.param(dict(threshold=0.2), id="greedy-threshold"),
+    pytest.param(dict(steps_per_block=3, temperature=1.0, seed=9), id="seeded"),
+    pytest.param(dict(steps_per_block=3, temperature=1.0, top_p=0.9, remasking="margin", generator=True), id="generator"),
+]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_matches_torch(case):
+    model = random_model(seed=4)
+    ids, mask = torch.tensor([[0, 1, 9, 2], [1, 17, 5, 2]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    outs = []
+    for backend in ("torch", "triton"):
+        kwargs = dict(case)
+        if kwargs.pop("generator", False):
+            kwargs["generator"] = torch.Generator().manual_seed(21)
+        pipe = BlockDiffusionPipeline(model, mask_token_id=MASK, attention="block_causal", backend=backend)
+        outs.append(pipe(input_ids=ids, attention_mask=mask, max_new_tokens=6, block_length=3, eos_early_stop=False,
+                         progress=False, **kwargs))
+    assert outs[0].sequences.tolist() == outs[1].sequences.tolist()
+    assert outs[0].nfe == outs[1].nfe
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal", "causal"])
+@pytest.mark.parametrize("max_new_tokens", [1, 5, 7, 13])
+def test_max_new_tokens_is_honoured_exactly(attention, max_new_tokens):
+    """Output is never cut short at a block boundary (the DFlash review's truncation bug)."""
+    model = random_model(seed=5)
+    pipe = BlockDiffusionPipeline(model, mask_token_id=MASK, attention=attention, backend="torch")
+    ids = torch.tensor([[1, 9, 12, 30, 7, 2], [1, 20, 5, 6, 7, 2]])
+    for rule in (dict(steps_per_block=4), dict(threshold=0.5)):
+        # EOS suppressed: early stop on, but it can never trigger
+        out = pipe(input_ids=ids, max_new_tokens=max_new_tokens, block_length=4, eos_token_id=3, suppress_tokens=[3],
+                   progress=False, **rule)
+        assert out.sequences.shape == (2, max_new_tokens)
+        assert not (out.sequences == MASK).any() and not (out.sequences == 3).any()
+        assert len(out.block_times) == len(out.block_steps) == -(-(max_new_tokens + (
+            0 if attention == "bidirectional" else ids.shape[1] % 4)) // 4)
+
+
+def test_eos_at_first_generated_position():
+    """EOS as the very first new token stops the row (and the call) with a one-token output."""
+    model = ForcedToken(random_model(seed=6), token=3)
+    for attention in ("bidirectional", "block_causal"):
+        pipe = BlockDiffusionPipeline(model, mask_token_id=MASK, attention=attention, eos_token_id=3,
+                                      backend="torch")
+        out = pipe(input_ids=torch.tensor([[1, 9, 12, 2]]), max_new_tokens=12, block_length=4, steps_per_block=4,
+                   progress=False)
+        assert out.sequences.tolist() == [[3]]
+        assert out.finished.tolist() == [True]
+        assert len(out.block_times) == 1 and out.nfe == 4
+
+
+def test_early_stop_rows_finish_independently():
+    """A row that stopped is frozen and padded after its EOS while the others go on."""
+    pipe = BlockDiffusionPipeline(trained_model(), mask_token_id=MASK, eos_token_id=EOS, backend="torch",
+                                  attention="bidirectional")
+    examples = [([BOS, 5, 6, SEP], [5, 6]), ([BOS] + SYMBOLS[:9] + [SEP], SYMBOLS[:9])]
+    ids, mask = left_pad([p for p, _ in examples])
+    out = pipe(input_ids=ids, attention_mask=mask, max_new_tokens=16, block_length=4, steps_per_block=4,
+               progress=False)
+    assert out.sequences.shape == (2, 10)
+    assert out.sequences[0].tolist() == [5, 6, EOS] + [PAD] * 7
+    assert out.sequences[1].tolist() == SYMBOLS[:9] + [EOS]
+    assert len(out.block_times) == 3
+
+
+def test_batched_prompts_match_single_prompts_bidirectional():
+    pipe = BlockDiffusionPipeline(random_model(seed=7), mask_token_id=MASK, backend="torch")
+    prompts = [[1, 9, 12, 2], [1, 17, 5, 20, 8, 11, 2], [1, 6, 2]]
+    ids, mask = left_pad(prompts)
+    kwargs = dict(max_new_tokens=7, block_length=4, steps_per_block=2, eos_early_stop=False, progress=False)
+    batched = pipe(input_ids=ids, attention_mask=mask, **kwargs).sequences
+    for row, p in zip(batched.tolist(), prompts):
+        assert row == pipe(input_ids=torch.tensor([p]), **kwargs).sequences[0].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# callbacks, editing, progress bar
+# ---------------------------------------------------------------------------------------------
+def test_callback_receives_tensors_and_its_x_is_used():
+    pipe = BlockDiffusionPipeline(trained_model(), mask_token_id=MASK, eos_token_id=EOS, backend="torch")
+    prompt = [BOS, 5, 6, 7, 8, SEP]
+    seen = []
+
+    def callback(p, step, step_in_block, kw):
+        assert p is pipe
+        seen.append((step, step_in_block, kw["tokens"].shape, kw["transfer_index"].dtype))
+        if step == 0:  # force a token at the last position of the first block
+            x = kw["x"].clone()
+            x[0, len(prompt) + 3] = 20
+            return {"x": x}
+        return None
+
+    out = pipe(input_ids=torch.tensor([prompt]), max_new_tokens=8, block_length=4, steps_per_block=4,
+               eos_early_stop=False, progress=False, callback_on_step_end=callback)
+    assert out.sequences[0, 3].item() == 20
+    assert [s[0] for s in seen] == list(range(out.steps))
+    assert seen[0][1:] == (0, torch.Size([1, 4]), torch.bool)
+    assert out.steps < 8  # the forced position was no longer a mask: the block finished early
+
+    with pytest.raises(ValueError, match="unknown keys"):
+        pipe(input_ids=torch.tensor([prompt]), max_new_tokens=4, block_length=4, steps_per_block=4, progress=False,
+             callback_on_step_end=lambda *a: {"latents": None})
+
+
+def test_editing_threshold_repairs_a_corrupted_token():
+    """LLaDA2.1-style editing re-writes a committed token the model confidently disagrees with."""
+    prompt = [BOS, 5, 6, 7, 8, 9, 10, SEP]
+
+    def corrupt(p, step, step_in_block, kw):
+        x = kw["x"]
+        if step == 0:
+            x = x.clone()
+            x[0, len(prompt)] = 15  # should be 5
+            return {"x": x}
+        return None
+
+    pipe = BlockDiffusionPipeline(trained_model(), mask_token_id=MASK, eos_token_id=EOS, backend="torch",
+                                  attention="bidirectional")
+    kwargs = dict(input_ids=torch.tensor([prompt]), max_new_tokens=8, block_length=4, threshold=0.9,
+                  eos_early_stop=False, progress=False, callback_on_step_end=corrupt)
+    assert pipe(**kwargs).sequences[0, 0].item() == 15
+    fixed = pipe(editing_threshold=0.5, max_post_steps=3, **kwargs)
+    assert fixed.sequences[0].tolist() == [5, 6, 7, 8, 9, 10, EOS, EOS]
+
+
+def test_progress_bar_config_is_preserved():
+    pipe = BlockDiffusionPipeline(random_model(seed=8), mask_token_id=MASK, backend="torch")
+    pipe.set_progress_bar_config(disable=True, desc="decoding", leave=False)
+    kwargs = dict(input_ids=torch.tensor([[1, 2]]), max_new_tokens=4, block_length=2, steps_per_block=1)
+    pipe(progress=False, **kwargs)
+    pipe(progress=True, **kwargs)
+    assert pipe.progress_bar_config == {"disable": True, "desc": "decoding", "leave": False}
+    bar = pipe.progress_bar(total=3, defaults={"desc": "blocks"})
+    assert bar.desc.startswith("decoding") and bar.disable
+    bar.close()
+
+
+def test_remasking_kinds_and_confidence_sources_decode_the_task():
+    pipe = BlockDiffusionPipeline(trained_model(), mask_token_id=MASK, eos_token_id=EOS, backend="torch")
+    examples = copy_examples(8, seed=9)
+    for kwargs in (dict(remasking="margin"), dict(remasking="entropy", confidence_from="sampling"),
+                   dict(remasking="low_confidence", temperature=0.3, top_p=0.9, seed=1)):
+        assert copy_accuracy(pipe, examples, 12, block_length=4, steps_per_block=4, **kwargs) >= 0.95, kwargs
+    out = pipe(input_ids=torch.tensor([[1, 5, 6, 2]]), max_new_tokens=8, block_length=4, steps_per_block=4,
+               remasking="random", seed=0, progress=False, eos_early_stop=False)
+    assert not (out.sequences == MASK).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# errors, presets, loading
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=0, steps_per_block=1), "max_new_tokens"),
+    (dict(block_length=0, steps_per_block=1), "block_length"),
+    (dict(block_length=4, steps_per_block=5), "cannot exceed"),
+    (dict(), "no commit rule"),
+    (dict(factor=1.0, threshold=0.9), "cannot be combined"),
+    (dict(steps_per_block=1, seed=1, generator=torch.Generator()), "not both"),
+    (dict(steps_per_block=1, remasking="lowest"), "remasking"),
+    (dict(steps_per_block=1, max_post_steps=2), "editing_threshold"),
+    (dict(steps_per_block=1, attention_mask=torch.tensor([[1, 1, 0]])), "left-padded"),
+    (dict(steps_per_block=1, input_ids=torch.tensor([list(range(5, 20)) * 5])), "context"),
+    (dict(steps_per_block=1, max_new_tokens=62), "context"),
+    (dict(steps_per_block=1, input_ids=torch.tensor([[1, MASK, 2]])), "mask token"),
+])
+def test_bad_inputs_raise_clear_errors(kwargs, match):
+    pipe = BlockDiffusionPipeline(trained_model(), mask_token_id=MASK, backend="torch")
+    call = dict(input_ids=torch.tensor([[1, 5, 2]]), max_new_tokens=4, block_length=4, progress=False)
+    call.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        pipe(**call)
+
+
+def test_constructor_errors():
+    model = trained_model()
+    tok = make_tokenizer()
+    tok_without_mask = make_tokenizer()
+    tok_without_mask.mask_token = None
+    with pytest.raises(ValueError, match="no mask token"):
+        BlockDiffusionPipeline(model, tok_without_mask)
+    with pytest.raises(ValueError, match="no mask token"):
+        BlockDiffusionPipeline(model)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        BlockDiffusionPipeline(model, mask_token_id=126336)
+    with pytest.raises(ValueError, match="attention"):
+        BlockDiffusionPipeline(model, tok, attention="sliding")
+    with pytest.raises(ValueError, match="block-causal"):
+        BlockDiffusionPipeline(model, tok, attention="block_causal", attention_mask_format="2d")
+    with pytest.raises(ValueError, match="tokenizer"):
+        BlockDiffusionPipeline(model, mask_token_id=MASK)(prompt="a b", max_new_tokens=2, steps_per_block=1)
+
+
+def test_presets():
+    llada, dream = BlockDiffusionPipeline.preset("llada"), BlockDiffusionPipeline.preset("dream")
+    sdar, llada2 = BlockDiffusionPipeline.preset("sdar"), BlockDiffusionPipeline.preset("llada2")
+    assert (llada.mask_token_id, llada.eos_token_id, llada.logits_shift, llada.attention) == \
+        (126336, (126081, 126348), False, "bidirectional")
+    assert (dream.mask_token_id, dream.logits_shift, dream.attention) == (151666, True, "bidirectional")
+    assert (sdar.mask_token_id, sdar.attention, 151645 in sdar.eos_token_id) == (151669, "block_causal", True)
+    assert (llada2.mask_token_id, llada2.eos_token_id, llada2.attention) == (156895, (156892,), "block_causal")
+    assert all(p.trust_remote_code for p in (llada, dream, sdar, llada2))
+    with pytest.raises(ValueError, match="unknown preset"):
+        BlockDiffusionPipeline.preset("gpt")
+
+
+def test_from_pretrained_loads_a_local_checkpoint(tmp_path):
+    trained_model().save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    pipe = BlockDiffusionPipeline.from_pretrained(str(tmp_path), attention="block_causal", backend="torch")
+    assert pipe.mask_token_id == MASK and pipe.tokenizer is not None
+    out = pipe("d e f g", max_new_tokens=8, block_length=4, steps_per_block=4, progress=False)
+    assert out.texts == ["d e f g"]
+    with pytest.raises(ValueError, match="local checkpoint directory"):
+        BlockDiffusionPipeline.from_pretrained(str(tmp_path / "missing"), preset="llada")
