@@ -10,7 +10,7 @@ from torch.library import custom_op, triton_op
 
 from ddiff._backend import resolve_backend
 from ddiff._params import RngArgs, check_logits, check_range, eager, rng_args, row_param, rows_of, seed_rows
-from ddiff.ops.sampling import _filter_params, _filters_active, _raise_invalid_rows, _wrap
+from ddiff.ops.sampling import _filter_params, _filters_active, _raise_invalid_rows, _wrap, fake_tokens_and_values
 from ddiff.reference.decoding import (
     CONFIDENCE_KINDS,
     masked_invalid_rows,
@@ -54,10 +54,7 @@ def _predict_torch(
                                     confidence_from=confidence_from, suppress_ids=suppress)
 
 
-@_predict_torch.register_fake
-def _(logits, *args):
-    rows = logits.shape[0]
-    return logits.new_empty(rows, dtype=torch.int64), logits.new_empty(rows, dtype=torch.float32)
+_predict_torch.register_fake(fake_tokens_and_values)
 
 
 @triton_op("ddiff::predict_tokens_triton", mutates_args=())
@@ -226,6 +223,14 @@ def _check_alphas(alpha_t, alpha_s, x_shape, device):
     return a_t, a_s
 
 
+def _posterior_inputs(logits, x_t, alpha_t, alpha_s):
+    """Checks shared by the posterior steps: logits [..., V], x_t [...] ids, 0 <= α_t <= α_s <= 1."""
+    logits2d = check_logits(logits)
+    x_rows = _check_positions("x_t", x_t, logits.shape[:-1], logits.device, dtype_kind="int").to(torch.int64)
+    a_t, a_s = _check_alphas(alpha_t, alpha_s, x_t.shape, logits.device)
+    return logits2d, x_rows, a_t, a_s
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
@@ -322,12 +327,10 @@ def mdlm_step(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t, alpha_s,
     Returns:
         ``x_s``: int64, shaped like ``x_t``.
     """
-    logits2d = check_logits(logits)
+    logits2d, x_rows, a_t, a_s = _posterior_inputs(logits, x_t, alpha_t, alpha_s)
     rows, vocab = logits2d.shape
     device = logits.device
-    x_rows = _check_positions("x_t", x_t, logits.shape[:-1], device, dtype_kind="int").to(torch.int64)
     mask_token_id = _check_token_id("mask_token_id", mask_token_id, vocab)
-    a_t, a_s = _check_alphas(alpha_t, alpha_s, x_t.shape, device)
     temp = row_param("temperature", temperature, rows, device, integer=False, default=1.0)
     check_range("temperature", temp[0], temp[1], 0.0, None)
     p = row_param("top_p", top_p, rows, device, integer=False, default=1.0)
@@ -367,13 +370,11 @@ def udlm_step(logits: Tensor, x_t: Tensor, alpha_t, alpha_s, *, seed=None, offse
     Returns:
         ``x_s``: int64, shaped like ``x_t``.
     """
-    logits2d = check_logits(logits)
+    logits2d, x_rows, a_t, a_s = _posterior_inputs(logits, x_t, alpha_t, alpha_s)
     rows, vocab = logits2d.shape
     device = logits.device
-    x_rows = _check_positions("x_t", x_t, logits.shape[:-1], device, dtype_kind="int").to(torch.int64)
     if eager() and x_rows.numel() and bool(((x_rows < 0) | (x_rows >= vocab)).any()):
         raise ValueError(f"every token of `x_t` must lie in [0, {vocab}).")
-    a_t, a_s = _check_alphas(alpha_t, alpha_s, x_t.shape, device)
     rng = rng_args(seed, offset, generator, rows, device)
     impl = resolve_backend(backend, logits)
     args = (logits2d, x_rows.contiguous(), a_t, a_s, rng.seed, rng.seed_value, rng.offset)

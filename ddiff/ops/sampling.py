@@ -54,10 +54,13 @@ def _sample_torch(
     )
 
 
-@_sample_torch.register_fake
-def _(logits, *args):
+def fake_tokens_and_values(logits, *args):
+    """Fake (meta) outputs of the per-row ops: int64 tokens and fp32 values, one per row."""
     rows = logits.shape[0]
     return logits.new_empty(rows, dtype=torch.int64), logits.new_empty(rows, dtype=torch.float32)
+
+
+_sample_torch.register_fake(fake_tokens_and_values)
 
 
 @triton_op("ddiff::sample_triton", mutates_args=())
