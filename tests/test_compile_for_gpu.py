@@ -20,3 +20,4 @@ def test_sampling_kernels_compile(arch):
     result = subprocess.run([sys.executable, TOOL, str(arch)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "_filter_logits_kernel: ok" in result.stdout
+    assert "anchor attention fp32 D=64: ok" in result.stdout

@@ -1,4 +1,4 @@
-"""Compile ddiff's sampling kernels to PTX/cubin for a GPU target, without a GPU.
+"""Compile ddiff's Triton kernels to PTX for a GPU target, without a GPU.
 
 Run in a process without TRITON_INTERPRET: ``python tests/tools/compile_for_gpu.py [arch]``.
 Catches what the interpreter does not: type errors of compiled Triton, loop-carried type
@@ -14,15 +14,17 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from ddiff.kernels import anchor_attention as ka  # noqa: E402
 from ddiff.kernels import sampling as ks  # noqa: E402
 
 
-def compile_one(kernel, signature, constexprs, arch, num_warps):
+def compile_one(kernel, signature, constexprs, arch, num_warps, num_stages=3):
     sig = dict(signature)
     for name in constexprs:
         sig[name] = "constexpr"
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
     return "st.local" in ptx
 
@@ -67,7 +69,42 @@ def main(arch=90):
     compile_one(ks._filter_logits_kernel, flt, dict(HAS_TOP_K=True, HAS_TOP_P=False, HAS_MIN_P=True, KEY_SHIFT=16,
                                                     NUM_PIVOTS=ks.NUM_PIVOTS, SEARCH_BLOCK=ks.SEARCH_BLOCK), arch, 8)
     print("_filter_logits_kernel: ok")
-    return failures
+    compile_attention(arch)
+    return 0
+
+
+def _attention_signature(kernel, dtype):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name in ("ANC", "PERM"):
+            sig[name] = "*i32"
+        elif name.isupper():
+            sig[name] = "*" + dtype
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        elif name[0].islower():
+            sig[name] = "i32"
+    return sig
+
+
+def compile_attention(arch):
+    """The anchor-attention forward and backward kernels at the Hopper launch configurations."""
+    cases = [("bf16", 64, ka._GPU_CONFIGS[("large", 64)]), ("bf16", 128, ka._GPU_CONFIGS[("large", 128)]),
+             ("fp32", 64, ka._FP32_CONFIGS[64])]
+    for dtype, head_dim, ((fm, fn, fw, fs), (km, kn, kw, kst), (qm, qn, qw, qs)) in cases:
+        precision = "ieee" if dtype == "fp32" else "default"
+        common = dict(BLOCK_SIZE=16, HEAD_DIM=head_dim)
+        compile_one(ka._anchor_attn_fwd, _attention_signature(ka._anchor_attn_fwd, dtype),
+                    dict(common, BLOCK_M=fm, BLOCK_N=fn, DOT_PRECISION=precision), arch, fw, fs)
+        compile_one(ka._anchor_attn_bwd_preprocess, _attention_signature(ka._anchor_attn_bwd_preprocess, dtype),
+                    dict(common, BLOCK_M=fm), arch, 4)
+        compile_one(ka._anchor_attn_bwd_dkdv, _attention_signature(ka._anchor_attn_bwd_dkdv, dtype),
+                    dict(common, BLOCK_M=km, BLOCK_N=kn, SEARCH_BLOCK=256, DOT_PRECISION=precision), arch, kw, kst)
+        compile_one(ka._anchor_attn_bwd_dq, _attention_signature(ka._anchor_attn_bwd_dq, dtype),
+                    dict(common, BLOCK_M=qm, BLOCK_N=qn, DOT_PRECISION=precision), arch, qw, qs)
+        print(f"anchor attention {dtype} D={head_dim}: ok")
 
 
 if __name__ == "__main__":
