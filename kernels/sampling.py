@@ -409,7 +409,8 @@ def _row_kernel(
             c_temp = temp
         if CONFIDENCE == 0:
             if HAS_QUERY:
-                z_tok = tl.load(row_ptr + tl.load(query_ptr + row)).to(tl.float32) / c_temp
+                query = tl.minimum(tl.maximum(tl.load(query_ptr + row), 0), V - 1)  # never read out of bounds
+                z_tok = tl.load(row_ptr + query).to(tl.float32) / c_temp
             else:
                 z_tok = tl.load(row_ptr + token).to(tl.float32) / c_temp
             conf = tl.exp(z_tok - c_max) / c_sum
