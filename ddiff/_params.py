@@ -8,6 +8,7 @@ otherwise. Checks that need a tensor's values (a host sync) run in eager mode on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -19,8 +20,31 @@ from ddiff.reference.rng import MAX_OFFSET, MAX_ROWS
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_SYNC_CHECKS = [True]
+
+
+@contextlib.contextmanager
+def sync_checks(enabled: bool):
+    """Turn the checks that read tensor values on or off inside a ``with`` block.
+
+    Checking a per-row parameter tensor's range, or whether the logits held NaN, means waiting
+    for the device. Inside ``with ddiff.sync_checks(False):`` those checks are skipped, so a
+    decoding loop runs without a host sync: invalid rows then come back as token -1 (and
+    confidence NaN), and the caller validates once, as the pipelines do at the end of a call.
+    Shape, dtype, device and Python-scalar checks always run. Under ``torch.compile`` the
+    value checks are skipped as well.
+    """
+    previous = _SYNC_CHECKS[0]
+    _SYNC_CHECKS[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _SYNC_CHECKS[0] = previous
+
+
 def eager() -> bool:
-    return not torch.compiler.is_compiling()
+    """True when checks that read tensor values (a host sync) may run."""
+    return _SYNC_CHECKS[0] and not torch.compiler.is_compiling()
 
 
 def check_logits(logits, name: str = "logits") -> torch.Tensor:

@@ -300,3 +300,26 @@ def test_decoding_ops_compile_fullgraph():
     x = torch.full((2, 6), 9)
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     assert torch.equal(compiled(logits, x), step(logits, x))
+
+
+def test_sync_checks_off_skips_value_checks_and_flags_rows():
+    logits = _logits(1, 3, 10)
+    logits[0, 1, 2] = float("nan")
+    with ddiff.sync_checks(False):
+        tokens, conf = ddiff.predict_tokens(logits, backend="torch")
+        assert tokens[0, 1] == -1 and torch.isnan(conf[0, 1])
+        # Python-level checks still run.
+        with pytest.raises(ValueError, match="confidence"):
+            ddiff.predict_tokens(logits, confidence="nope", backend="torch")
+    with pytest.raises(ValueError, match="row 1"):
+        ddiff.predict_tokens(logits, backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sync_checks_off_marks_invalid_rows(backend):
+    logits = _logits(1, 3, 10)
+    logits[0, 1, 2] = float("nan")
+    with ddiff.sync_checks(False):
+        tokens, conf = ddiff.predict_tokens(logits, backend=backend)
+    assert tokens[0, 1] == -1 and torch.isnan(conf[0, 1])
+    assert bool((tokens[0, [0, 2]] >= 0).all())

@@ -10,7 +10,14 @@ from torch.library import custom_op, triton_op
 
 from ddiff._backend import resolve_backend
 from ddiff._params import RngArgs, check_logits, check_range, eager, rng_args, row_param, rows_of, seed_rows
-from ddiff.ops.sampling import _filter_params, _filters_active, _raise_invalid_rows, _wrap, fake_tokens_and_values
+from ddiff.ops.sampling import (
+    _filter_params,
+    _filters_active,
+    _raise_invalid_rows,
+    _wrap,
+    fake_tokens_and_values,
+    flag_invalid_rows,
+)
 from ddiff.reference.decoding import (
     CONFIDENCE_KINDS,
     masked_invalid_rows,
@@ -49,9 +56,11 @@ def _predict_torch(
 ) -> tuple[Tensor, Tensor]:
     temp, k, p, m, seeds = _rows_params(logits, temperature, temperature_value, top_k, top_k_value, top_p,
                                         top_p_value, min_p, min_p_value, seed, seed_value, offset)
-    _raise_invalid_rows(masked_invalid_rows(logits, mask, temp, suppress))
-    return predict_tokens_reference(logits, mask, temp, k, p, m, seeds, offset, confidence=confidence,
-                                    confidence_from=confidence_from, suppress_ids=suppress)
+    bad = masked_invalid_rows(logits, mask, temp, suppress)
+    _raise_invalid_rows(bad)
+    tokens, conf = predict_tokens_reference(logits, mask, temp, k, p, m, seeds, offset, confidence=confidence,
+                                            confidence_from=confidence_from, suppress_ids=suppress)
+    return flag_invalid_rows(bad, tokens, conf)
 
 
 _predict_torch.register_fake(fake_tokens_and_values)
@@ -166,17 +175,20 @@ def _check_suppress(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
         if suppress_tokens.dtype.is_floating_point or suppress_tokens.dtype == torch.bool:
             raise TypeError(f"`suppress_tokens` must hold integer ids, got {suppress_tokens.dtype}.")
         ids = suppress_tokens.reshape(-1).to(device=device, dtype=torch.int64)
+        out_of_range = eager() and ids.numel() and bool(((ids < 0) | (ids >= vocab)).any())
     else:
+        values = [suppress_tokens] if isinstance(suppress_tokens, numbers.Integral) else suppress_tokens
         try:
-            ids = list(suppress_tokens) if not isinstance(suppress_tokens, numbers.Integral) else [suppress_tokens]
+            values = list(values)
         except TypeError:
             raise TypeError("`suppress_tokens` must be an int, a sequence of ints or an integer tensor.") from None
-        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in ids):
+        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in values):
             raise TypeError("`suppress_tokens` must hold ints.")
-        ids = torch.tensor(ids, dtype=torch.int64, device=device)
+        out_of_range = any(not 0 <= i < vocab for i in values)  # checked on the host values: no sync
+        ids = torch.tensor(values, dtype=torch.int64, device=device)
     if ids.numel() > 64:
         raise ValueError(f"`suppress_tokens` holds {ids.numel()} ids; at most 64 are supported.")
-    if eager() and ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
+    if out_of_range:
         raise ValueError(f"every id in `suppress_tokens` must lie in [0, {vocab}).")
     return ids if ids.numel() else None
 

@@ -32,6 +32,11 @@ def _raise_invalid_rows(bad: Tensor) -> None:
         )
 
 
+def flag_invalid_rows(bad: Tensor, tokens: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Mark invalid rows as the kernels do (token -1, value NaN), for callers that skip checks."""
+    return torch.where(bad, -1, tokens), torch.where(bad, float("nan"), values)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registered ops. Per-row parameters travel as (Tensor?, scalar) pairs.
 # ---------------------------------------------------------------------------------------------
@@ -45,13 +50,15 @@ def _sample_torch(
 ) -> tuple[Tensor, Tensor]:
     rows, device = logits.shape[0], logits.device
     temp = rows_of(temperature, temperature_value, rows, torch.float32, device)
-    _raise_invalid_rows(invalid_rows(logits, temp))
+    bad = invalid_rows(logits, temp)
+    _raise_invalid_rows(bad)
     seeds = seed_rows(RngArgs(seed, seed_value, offset), rows, device)
-    return sample_reference(
+    tokens, probs = sample_reference(
         logits, temp, rows_of(top_k, top_k_value, rows, torch.int64, device),
         rows_of(top_p, top_p_value, rows, torch.float32, device),
         rows_of(min_p, min_p_value, rows, torch.float32, device), seeds, offset,
     )
+    return flag_invalid_rows(bad, tokens, probs)
 
 
 def fake_tokens_and_values(logits, *args):

@@ -82,6 +82,22 @@ def filter_logits_reference(logits2d, top_k, top_p, min_p) -> torch.Tensor:
     return logits2d.masked_fill(~keep, float("-inf"))
 
 
+def _gumbel_race(z_kept: torch.Tensor, seed: torch.Tensor, offset: int, row_ids: torch.Tensor) -> torch.Tensor:
+    """The hierarchical Gumbel-max over [R, V] tempered, filtered logits (-inf = excluded)."""
+    rows, vocab = z_kept.shape
+    device = z_kept.device
+    num_tiles = -(-vocab // NOISE_TILE)
+    padded = F.pad(z_kept, (0, num_tiles * NOISE_TILE - vocab), value=float("-inf"))
+    tile_lse = torch.logsumexp(padded.view(rows, num_tiles, NOISE_TILE), dim=-1)
+    row_ids, seed = row_ids[:, None], seed[:, None]
+    tile_ids = torch.arange(num_tiles, device=device)[None, :]
+    tile = torch.argmax(tile_lse + philox_gumbel(seed, offset, row_ids, tile_ids, STREAM_TILE), dim=-1)
+    # Columns past V read -inf and never win: a row shorter than a tile needs only its V columns.
+    cols = tile[:, None] * NOISE_TILE + torch.arange(min(NOISE_TILE, vocab), device=device)[None, :]
+    scores = padded.gather(-1, cols) + philox_gumbel(seed, offset, row_ids, cols, STREAM_TOKEN)
+    return cols.gather(-1, torch.argmax(scores, dim=-1, keepdim=True)).squeeze(-1)
+
+
 def sample_reference(logits2d, temperature, top_k, top_p, min_p, seed, offset: int, row_ids=None):
     """Tokens (int64 [R]) and their fp32 probabilities under the filtered sampling distribution.
 
@@ -96,20 +112,11 @@ def sample_reference(logits2d, temperature, top_k, top_p, min_p, seed, offset: i
     if rows == 0:
         return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)
 
-    num_tiles = -(-vocab // NOISE_TILE)
-    padded = F.pad(z_kept, (0, num_tiles * NOISE_TILE - vocab), value=float("-inf"))
-    tile_lse = torch.logsumexp(padded.view(rows, num_tiles, NOISE_TILE), dim=-1)
-    row_ids = (torch.arange(rows, device=device) if row_ids is None else row_ids)[:, None]
-    seed = seed.to(device)[:, None]
-    tile_ids = torch.arange(num_tiles, device=device)[None, :]
-    tile = torch.argmax(tile_lse + philox_gumbel(seed, offset, row_ids, tile_ids, STREAM_TILE), dim=-1)
-
-    # Columns past V read -inf and never win: a row shorter than a tile needs only its V columns.
-    cols = tile[:, None] * NOISE_TILE + torch.arange(min(NOISE_TILE, vocab), device=device)[None, :]
-    scores = padded.gather(-1, cols) + philox_gumbel(seed, offset, row_ids, cols, STREAM_TOKEN)
-    tokens = cols.gather(-1, torch.argmax(scores, dim=-1, keepdim=True)).squeeze(-1)
-    tokens = torch.where(temperature == 0, torch.argmax(logits2d.float(), dim=-1), tokens)
-
+    tokens = torch.argmax(logits2d.float(), dim=-1)
+    hot = torch.nonzero(temperature != 0).squeeze(-1)  # greedy rows draw no noise
+    if hot.numel():
+        rows_all = torch.arange(rows, device=device) if row_ids is None else row_ids
+        tokens[hot] = _gumbel_race(z_kept[hot], seed.to(device)[hot], offset, rows_all[hot])
     z_max = z_kept.max(-1, keepdim=True).values
     norm = torch.exp(z_kept - z_max).sum(-1)
     probs = torch.exp(z_kept.gather(-1, tokens[:, None]).squeeze(-1) - z_max.squeeze(-1)) / norm
