@@ -28,7 +28,8 @@ from ddiff.pipelines.utils import DiscreteDiffusionPipelineOutput
 from ddiff.reference.rng import STREAM_CONFIDENCE, STREAM_TOKEN, exponential_from_uniform, philox_uniform
 
 ASSET = os.path.join(os.path.dirname(__file__), "assets", "tiny_block_copy")
-META = json.load(open(ASSET + ".json"))
+with open(ASSET + ".json") as _f:
+    META = json.load(_f)
 TOK = META["tokens"]
 PAD, BOS, SEP, EOS, MASK = TOK["pad"], TOK["bos"], TOK["sep"], TOK["eos"], TOK["mask"]
 SYMBOLS = list(range(TOK["first_symbol"], TOK["first_symbol"] + TOK["num_symbols"]))
