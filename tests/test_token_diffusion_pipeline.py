@@ -111,7 +111,7 @@ def test_wrong_posterior_fails_the_validity_test(name, op, wrong, request, monke
     pipe = request.getfixturevalue(name)
     monkeypatch.setattr(ddiff, op, wrong(getattr(ddiff, op)))
     rate = validity(pipe)
-    assert rate < VALID_THRESHOLD / 2, (name, wrong.__name__, rate)
+    assert rate < VALID_THRESHOLD, (name, wrong.__name__, rate)  # the validity test would fail
 
 
 def test_bd3lm_block_sampling_first_hitting_and_nucleus(bd3lm):
@@ -131,7 +131,7 @@ def test_hybrid_with_lambda_one_matches_absorbing_quality(mdlm):
 
 def _record(store):
     def callback(pipe, step, t, kwargs):
-        store.append(kwargs["sequences"].clone())
+        store.append(kwargs["x"].clone())
     return callback
 
 
@@ -228,8 +228,9 @@ def test_torch_and_triton_backends_give_the_same_tokens(process, mdlm, udlm):
     outs = []
     for backend in ("torch", "triton"):
         pipe = TokenDiffusionPipeline(base.model, base.tokenizer, process=process, backend=backend)
-        outs.append(pipe(batch_size=1, seq_len=8, num_inference_steps=3, seed=7, top_p=None, output_type="ids",
-                         progress=False).sequences)
+        kwargs = dict(temperature=0.8, top_p=0.9) if process == "absorbing" else {}
+        outs.append(pipe(batch_size=1, seq_len=8, num_inference_steps=3, seed=7, output_type="ids", progress=False,
+                         **kwargs).sequences)
     assert torch.equal(outs[0], outs[1])
 
 
@@ -238,15 +239,15 @@ def test_output_dataclass_and_text(mdlm):
     assert isinstance(out, TokenDiffusionPipelineOutput)
     assert out.sequences.dtype == torch.long and out.sequences.shape == (2, SEQ_LEN)
     assert len(out.texts) == 2 and all(len(t.split()) == SEQ_LEN for t in out.texts)
-    assert 1 <= out.nfe <= 8
+    assert 1 <= out.nfe <= 8 and out.steps == 8 and len(out.block_times) == 1
     assert mdlm(batch_size=1, seq_len=4, num_inference_steps=2, seed=0, output_type="ids", progress=False).texts is None
 
 
 def test_callback_can_replace_sequences(mdlm):
     def callback(pipe, step, t, kwargs):
-        x = kwargs["sequences"].clone()
+        x = kwargs["x"].clone()
         x[:, -1] = 9
-        return {"sequences": x}
+        return {"x": x}
 
     out = mdlm(batch_size=2, seq_len=8, num_inference_steps=4, seed=0, output_type="ids", progress=False,
                callback_on_step_end=callback)
@@ -292,6 +293,18 @@ def test_process_specific_errors(mdlm, udlm):
         TokenDiffusionPipeline(mdlm.model, mdlm.tokenizer, process="sedd")
     uniform_no_mask = TokenDiffusionPipeline(udlm.model, process="uniform", vocab_size=10)
     assert uniform_no_mask.scheduler.num_uniform_tokens == 10
+
+
+class _NaNModel(torch.nn.Module):
+    def forward(self, input_ids, **kwargs):
+        return torch.full((*input_ids.shape, 11), float("nan"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_logits_raise(backend):
+    pipe = TokenDiffusionPipeline(_NaNModel(), process="absorbing", mask_token_id=10, vocab_size=11, backend=backend)
+    with pytest.raises(ValueError, match="NaN"):
+        pipe(batch_size=1, seq_len=4, num_inference_steps=2, seed=0, output_type="ids", progress=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,10 +87,12 @@ def _mdlm_torch(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t: Tensor
     rows, device = logits.shape[0], logits.device
     temp = rows_of(temperature, temperature_value, rows, torch.float32, device)
     masked = x_t == mask_token_id
-    _raise_invalid_rows(masked_invalid_rows(logits, masked, temp, torch.tensor([mask_token_id], device=device)))
-    return mdlm_step_reference(logits, x_t, mask_token_id, alpha_t, alpha_s, temp,
+    bad = masked_invalid_rows(logits, masked, temp, torch.tensor([mask_token_id], device=device))
+    _raise_invalid_rows(bad)
+    x_s = mdlm_step_reference(logits, x_t, mask_token_id, alpha_t, alpha_s, temp,
                                rows_of(top_p, top_p_value, rows, torch.float32, device),
                                seed_rows(RngArgs(seed, seed_value, offset), rows, device), offset)
+    return torch.where(bad, x_t, x_s)  # as the kernel does: an invalid row is never revealed
 
 
 @_mdlm_torch.register_fake
