@@ -88,6 +88,21 @@ def _fwd_step(acc, l_i, m_i, q, kT, v, live, qk_scale, MASKED: tl.constexpr, DOT
 
 
 @triton.jit
+def _sorted_query_rows(ANC, PERM, pid_m, q_len, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A query tile's rows in sorted-block order.
+
+    Returns (sorted row index, its sorted block, in range, the block's anchor, the caller's row);
+    the anchor is -1 for a dropped block or a padding row.
+    """
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < q_len
+    q_blk = offs_m // BLOCK_SIZE
+    row_anchor = tl.load(ANC + q_blk, mask=row_ok, other=-1)
+    q_row = tl.load(PERM + q_blk, mask=row_ok, other=0) * BLOCK_SIZE + offs_m % BLOCK_SIZE
+    return offs_m, q_blk, row_ok, row_anchor, q_row
+
+
+@triton.jit
 def _anchor_attn_fwd(
     Q, K, V, O, LSE, ANC, PERM,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -113,13 +128,8 @@ def _anchor_attn_fwd(
     PERM += b.to(tl.int64) * num_blocks
     LSE += pid_bh.to(tl.int64) * q_len
 
-    # Rows of this tile, in sorted order, and where they live in the caller's layout.
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, q_blk, row_ok, row_anchor, q_row = _sorted_query_rows(ANC, PERM, pid_m, q_len, BLOCK_SIZE, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < q_len
-    q_blk = offs_m // BLOCK_SIZE
-    row_anchor = tl.load(ANC + q_blk, mask=row_ok, other=-1)  # -1: dropped block (or padding row)
-    q_row = tl.load(PERM + q_blk, mask=row_ok, other=0) * BLOCK_SIZE + offs_m % BLOCK_SIZE
     q = tl.load(Q + q_row[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -192,13 +202,9 @@ def _anchor_attn_bwd_preprocess(
     PERM += b.to(tl.int64) * num_blocks
     DELTA += pid_bh.to(tl.int64) * q_len
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, _, row_ok, row_anchor, q_row = _sorted_query_rows(ANC, PERM, pid_m, q_len, BLOCK_SIZE, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < q_len
-    q_blk = offs_m // BLOCK_SIZE
-    kept = tl.load(ANC + q_blk, mask=row_ok, other=-1) >= 0
-    q_row = tl.load(PERM + q_blk, mask=row_ok, other=0) * BLOCK_SIZE + offs_m % BLOCK_SIZE
-    ld = (row_ok & kept)[:, None]
+    ld = (row_ok & (row_anchor >= 0))[:, None]
     o = tl.load(O + q_row[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ld, other=0.0)
     do = tl.load(DO + q_row[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=ld, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -378,13 +384,9 @@ def _anchor_attn_bwd_dq(
     LSE += pid_bh.to(tl.int64) * q_len
     DELTA += pid_bh.to(tl.int64) * q_len
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, q_blk, row_ok, row_anchor, q_row = _sorted_query_rows(ANC, PERM, pid_m, q_len, BLOCK_SIZE, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < q_len
-    q_blk = offs_m // BLOCK_SIZE
-    row_anchor = tl.load(ANC + q_blk, mask=row_ok, other=-1)
     kept = row_ok & (row_anchor >= 0)
-    q_row = tl.load(PERM + q_blk, mask=row_ok, other=0) * BLOCK_SIZE + offs_m % BLOCK_SIZE
     q = tl.load(Q + q_row[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + q_row[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=kept[:, None], other=0.0)
     lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
