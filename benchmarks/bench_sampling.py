@@ -21,6 +21,12 @@ FULL_VOCABS = (32000, 126464, 151936)
 FULL_BATCHES = (1, 8, 64, 256)
 
 
+def _no_sync_sample(logits, backend, kw):
+    """ddiff.sample without the NaN check's host sync (``sync_checks(False)``), as in a decode loop."""
+    with ddiff.sync_checks(False):
+        return ddiff.sample(logits, seed=1, backend=backend, **kw)
+
+
 def _llada_gumbel(logits, temperature):
     """LLaDA's add_gumbel_noise + argmax: float64 noise over the whole tensor."""
     logits = logits.double()
@@ -82,8 +88,8 @@ def run(args):
                           per_row(0.9 if filtered else 1.0, torch.float32), per_row(0.0, torch.float32),
                           per_row(1, torch.int64))
                 providers = {
-                    "ddiff-triton": (lambda: ddiff.sample(logits, seed=1, backend="triton", **kw)) if device == "cuda" else None,
-                    "ddiff-torch": lambda: ddiff.sample(logits, seed=1, backend="torch", **kw),
+                    "ddiff-triton": (lambda: _no_sync_sample(logits, "triton", kw)) if device == "cuda" else None,
+                    "ddiff-torch": lambda: _no_sync_sample(logits, "torch", kw),
                     "torch.compile(reference)": (lambda: compiled_ref(*r_args)) if device == "cuda" else None,
                     "transformers+multinomial": lambda: _hf_chain_multinomial(logits, 0.8, 50 if filtered else None,
                                                                               0.9 if filtered else None),
