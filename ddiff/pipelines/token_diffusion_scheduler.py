@@ -50,7 +50,6 @@ draw (the hybrid part, its uniform tokens, the first-hitting position and time) 
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 from typing import Optional, Union

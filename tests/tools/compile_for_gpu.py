@@ -35,7 +35,6 @@ def main(arch=90):
            "top_k_ptr": "*i64", "top_k_value": "i32", "top_p_ptr": "*fp32", "top_p_value": "fp32",
            "min_p_ptr": "*fp32", "min_p_value": "fp32", "seed_ptr": "*i64", "seed_stride": "i32",
            "seed_value": "i64", "offset": "i64", "tokens_ptr": "*i64", "conf_ptr": "*fp32"}
-    failures = 0
     dtypes = (("*bf16", 16), ("*fp16", 13), ("*fp32", 0), ("*bf16", 16))
     for conf, (dtype, shift) in enumerate(dtypes):  # every confidence kind, every dtype once
         for filtered in (False, True):
