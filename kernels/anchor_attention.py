@@ -247,6 +247,15 @@ def _bwd_dkdv_rows(
 
 
 @triton.jit
+def _query_head(Q, DO, LSE, DELTA, b, h, num_heads, q_len, stride_qb, stride_qh, stride_dob, stride_doh):
+    """Pointers to query head ``h`` of batch ``b``: its q, dO, and its rows of lse and delta."""
+    bh = (b * num_heads + h).to(tl.int64)
+    Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    DOh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    return Qh, DOh, LSE + bh * q_len, DELTA + bh * q_len
+
+
+@triton.jit
 def _anchor_attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, ANC, PERM,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -295,12 +304,8 @@ def _anchor_attn_bwd_dkdv(
         row_lo = tl.sum(blind, 0) * BLOCK_SIZE
         row_full = tl.sum(partial, 0) * BLOCK_SIZE
         for g in range(0, group):
-            h = hk * group + g
-            bh = b * num_heads + h
-            Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-            DOh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-            LSEh = LSE + bh.to(tl.int64) * q_len
-            DELTAh = DELTA + bh.to(tl.int64) * q_len
+            Qh, DOh, LSEh, DELTAh = _query_head(Q, DO, LSE, DELTA, b, hk * group + g, num_heads, q_len,
+                                                stride_qb, stride_qh, stride_dob, stride_doh)
             dk, dv = _bwd_dkdv_rows(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, ANC, PERM,
                                     stride_qm, stride_qd, stride_dom, stride_dod,
                                     offs_n, offs_n, row_lo, row_full, qk_scale,
@@ -309,11 +314,7 @@ def _anchor_attn_bwd_dkdv(
                                     stride_qm, stride_qd, stride_dom, stride_dod,
                                     offs_n, offs_n, row_full, q_len, qk_scale,
                                     1, BLOCK_SIZE, HEAD_DIM, BLOCK_M, DOT_PRECISION)
-        dk *= sm_scale
-        tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
-                 mask=n_ok[:, None])
-        tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
-                 mask=n_ok[:, None])
+        key_row = offs_n
     else:
         # A noise key tile, in sorted key order [n0, n0 + BLOCK_N): seen only by its own blocks.
         n0 = (pid_n - num_ctx_tiles) * BLOCK_N
@@ -328,21 +329,19 @@ def _anchor_attn_bwd_dkdv(
         row_hi = tl.minimum(q_len, ((n0 + BLOCK_N - 1) // BLOCK_SIZE + 1) * BLOCK_SIZE)
         row_hi = tl.where(tl.max(k_anchor, 0) >= 0, row_hi, row_lo)  # all dropped: zero grads
         for g in range(0, group):
-            h = hk * group + g
-            bh = b * num_heads + h
-            Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-            DOh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-            LSEh = LSE + bh.to(tl.int64) * q_len
-            DELTAh = DELTA + bh.to(tl.int64) * q_len
+            Qh, DOh, LSEh, DELTAh = _query_head(Q, DO, LSE, DELTA, b, hk * group + g, num_heads, q_len,
+                                                stride_qb, stride_qh, stride_dob, stride_doh)
             dk, dv = _bwd_dkdv_rows(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, ANC, PERM,
                                     stride_qm, stride_qd, stride_dom, stride_dod,
                                     offs_n, k_blk, row_lo, row_hi, qk_scale,
                                     2, BLOCK_SIZE, HEAD_DIM, BLOCK_M, DOT_PRECISION)
-        dk *= sm_scale
-        tl.store(DK + k_pos[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
-                 mask=n_ok[:, None])
-        tl.store(DV + k_pos[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
-                 mask=n_ok[:, None])
+        key_row = k_pos
+    # Both kinds of tile end alike: this program owns rows key_row of dk and dv.
+    dk *= sm_scale
+    tl.store(DK + key_row[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+             mask=n_ok[:, None])
+    tl.store(DV + key_row[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=n_ok[:, None])
 
 
 @triton.jit
