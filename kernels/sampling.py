@@ -379,7 +379,10 @@ def _row_kernel(
             x, inb = _load_tile(row_ptr, cols, V, supp_ptr, NUM_SUPPRESS)
             z = x / temp
             bad = bad | tl.max(((z != z) | (z == float("inf"))).to(tl.int32), 0)
-            kept = inb & (_order_key(x, KEY_SHIFT) >= key_floor) & (tl.exp(z - ref_max) >= min_p)
+            if FILTERED:
+                kept = inb & (_order_key(x, KEY_SHIFT) >= key_floor) & (tl.exp(z - ref_max) >= min_p)
+            else:  # no key or exp per element on the unfiltered hot path
+                kept = inb
             t_max, t_sum, t_t1, t_m2, t_arg = _tile_stats(z, kept)
             has_mass = t_max > _NEG_INF
             t_lse = tl.where(has_mass, t_max + tl.log(tl.where(has_mass, t_sum, 1.0)), _NEG_INF)
