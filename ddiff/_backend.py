@@ -24,6 +24,20 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _identity(kernel):
+    return kernel
+
+
+def launch_wrapper():
+    """How a ``triton_op`` launches a kernel: through ``torch.library.wrap_triton``, so
+    ``torch.compile`` can trace the launch; the interpreter needs the raw kernel."""
+    if triton_interpreting():
+        return _identity
+    from torch.library import wrap_triton
+
+    return wrap_triton
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor, *, extra=()) -> str:
     """Pick the implementation for ``tensor``'s device.
 

@@ -40,9 +40,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
-
-from ddiff._backend import triton_interpreting
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
@@ -495,15 +492,6 @@ def _identity(kernel):
     return kernel
 
 
-def _wrap():
-    """wrap_triton lets torch.compile trace the launches; the interpreter needs the raw kernel."""
-    if triton_interpreting():
-        return _identity
-    from torch.library import wrap_triton
-
-    return wrap_triton
-
-
 def sort_blocks(anchors: torch.Tensor, keep: Optional[torch.Tensor]):
     """Per batch row, sort the blocks by anchor (stable), dropped blocks first with anchor -1.
 
@@ -521,12 +509,16 @@ def _strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-@triton_op("ddiff::anchor_attention_fwd", mutates_args=())
 def anchor_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, anc: torch.Tensor, perm: torch.Tensor,
-    context_len: int, block_size: int, scale: float, tiles: Optional[list[int]] = None,
+    context_len: int, block_size: int, scale: float, tiles: Optional[list[int]] = None, *, wrap=_identity,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward. ``anc``/``perm`` come from :func:`sort_blocks`. Returns (out, lse)."""
+    """Launch the forward. ``anc``/``perm`` come from :func:`sort_blocks`. Returns (out, lse).
+
+    ``tiles`` overrides the tile sizes (fwd BLOCK_M, fwd BLOCK_N, dkdv BLOCK_M, dkdv BLOCK_N,
+    dq BLOCK_M, dq BLOCK_N[, anchors searched per step]); each a power of two >= 16. Tests use it to
+    cover tile/block alignments; the defaults come from ``_config``.
+    """
     B, H, Lq, D = q.shape
     Hkv = k.shape[1]
     N = anc.shape[1]
@@ -534,7 +526,7 @@ def anchor_attention_fwd(
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)  # base 2, sorted row order
     (fwd_m, fwd_n, warps, stages), _, _ = _config(D, q.dtype, q.device, tiles)
     grid = (triton.cdiv(Lq, fwd_m), B * H)
-    _wrap()(_anchor_attn_fwd)[grid](
+    wrap(_anchor_attn_fwd)[grid](
         q, k, v, out, lse, anc, perm,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         scale * _LOG2E, context_len, N, H, H // Hkv,
@@ -544,11 +536,10 @@ def anchor_attention_fwd(
     return out, lse
 
 
-@triton_op("ddiff::anchor_attention_bwd", mutates_args=())
 def anchor_attention_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, anc: torch.Tensor, perm: torch.Tensor,
-    context_len: int, block_size: int, scale: float, tiles: Optional[list[int]] = None,
+    context_len: int, block_size: int, scale: float, tiles: Optional[list[int]] = None, *, wrap=_identity,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward: (dq, dk, dv)."""
     B, H, Lq, D = q.shape
@@ -556,7 +547,6 @@ def anchor_attention_bwd(
     N = anc.shape[1]
     (fwd_m, _, _, _), (kv_m, kv_n, kv_warps, kv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _config(
         D, q.dtype, q.device, tiles)
-    wrap = _wrap()
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=k.device)
@@ -585,37 +575,3 @@ def anchor_attention_bwd(
         DOT_PRECISION=precision, num_warps=dq_warps, num_stages=dq_stages,
     )
     return dq, dk, dv
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, anc, perm, context_len, block_size, scale, tiles = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, anc, perm)
-    ctx.args = (context_len, block_size, scale, tiles)
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, anc, perm = ctx.saved_tensors
-    context_len, block_size, scale, tiles = ctx.args
-    dq, dk, dv = anchor_attention_bwd(grad_out, q, k, v, out, lse, anc, perm, context_len, block_size, scale, tiles)
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-anchor_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def anchor_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor, keep: Optional[torch.Tensor],
-    context_len: int, block_size: int, scale: float, tiles=None,
-) -> torch.Tensor:
-    """Triton anchor attention on validated inputs (see ``ddiff.ops.anchor_attention``).
-
-    ``tiles`` overrides the tile sizes (fwd BLOCK_M, fwd BLOCK_N, dkdv BLOCK_M, dkdv BLOCK_N,
-    dq BLOCK_M, dq BLOCK_N[, anchors searched per step]); each a power of two >= 16. Tests use it to
-    cover tile/block alignments; the defaults come from ``_config``.
-    """
-    anc, perm = sort_blocks(anchors, keep)
-    out, _ = anchor_attention_fwd(q, k, v, anc, perm, context_len, block_size, float(scale),
-                                  None if tiles is None else [int(t) for t in tiles])
-    return out

@@ -511,7 +511,7 @@ def _seed_args(seed, seed_value, dummy):
     return seed, (0 if seed.numel() == 1 else 1), seed_value
 
 
-def predict(logits2d, mask, suppress, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
+def predict_tokens_fwd(logits2d, mask, suppress, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
             min_p, min_p_value, seed, seed_value, offset, *, confidence: str, conf_raw: bool, filtered: bool,
             gate=None, query=None, wrap=_identity):
     """Launch the row kernel: tokens (int64 [R]) and confidences (fp32 [R]).
@@ -548,7 +548,7 @@ def predict(logits2d, mask, suppress, temperature, temperature_value, top_k, top
     return tokens, conf
 
 
-def sample(logits2d, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
+def sample_fwd(logits2d, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
            min_p, min_p_value, seed, seed_value, offset, *, filtered: bool, num_parts=None, wrap=_identity):
     """Launch the sampling kernels on a [R, V] view with unit column stride.
 
@@ -557,7 +557,7 @@ def sample(logits2d, temperature, temperature_value, top_k, top_k_value, top_p, 
     partial + finalize pair, which keeps the GPU busy at small batch.
     """
     if filtered:
-        return predict(logits2d, None, None, temperature, temperature_value, top_k, top_k_value, top_p,
+        return predict_tokens_fwd(logits2d, None, None, temperature, temperature_value, top_k, top_k_value, top_p,
                        top_p_value, min_p, min_p_value, seed, seed_value, offset, confidence="prob",
                        conf_raw=False, filtered=True, wrap=wrap)
     rows, vocab = logits2d.shape
@@ -593,7 +593,7 @@ def sample(logits2d, temperature, temperature_value, top_k, top_k_value, top_p, 
     return tokens, probs
 
 
-def filter_logits(logits2d, top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, *, wrap=_identity):
+def filter_logits_fwd(logits2d, top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, *, wrap=_identity):
     """Launch filter_logits on a [R, V] view; returns (filtered [R, V], invalid-row flags int8 [R])."""
     rows, vocab = logits2d.shape
     device = logits2d.device

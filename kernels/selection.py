@@ -16,7 +16,8 @@ Design: one program per row; the whole row (L <= MAX_L) sits in registers.
    positions, found by a second bisection on the position (log2(BLOCK) counts).
 
 No sorting primitives, no data-dependent host work, no ``.item()``. Row offsets are
-int64. The host entry point is the ``torch.library.triton_op`` ``ddiff::select_transfer_triton``.
+int64. The host launcher is :func:`select_transfer_fwd`; ``ddiff.ops.selection`` registers it as the
+``torch.library.triton_op`` ``ddiff::select_transfer_triton``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from ddiff.reference import selection as _ref
 
@@ -143,8 +143,11 @@ def _num_warps(block: int) -> int:
     return 16
 
 
-@triton_op("ddiff::select_transfer_triton", mutates_args=())
-def select_transfer_triton(
+def _identity(kernel):
+    return kernel
+
+
+def select_transfer_fwd(
     confidence: torch.Tensor,
     mask: torch.Tensor,
     k: Optional[torch.Tensor],
@@ -155,6 +158,8 @@ def select_transfer_triton(
     factor_scalar: float,
     rule: int,
     min_transfer: int,
+    *,
+    wrap=_identity,
 ) -> torch.Tensor:
     """Launch the selection kernel. Arguments are already validated by ``ddiff.ops``.
 
@@ -196,7 +201,7 @@ def select_transfer_triton(
         fac_t = confidence
 
     block = max(16, triton.next_power_of_2(length))
-    wrap_triton(_select_transfer_kernel)[(batch,)](
+    wrap(_select_transfer_kernel)[(batch,)](
         confidence,
         mask,
         out,

@@ -81,9 +81,10 @@ def _run(backend, c, q=None, k=None, v=None, do=None, tiles=None):
 
     def fn(q, k, v):
         if backend == "triton" and tiles is not None:
-            from ddiff.kernels import anchor_attention as _k
+            from ddiff.ops.attention import triton_anchor_attention
 
-            return _k.anchor_attention(q, k, v, c["anchors"], c["keep"], c["S"], c["bs"], q.shape[-1] ** -0.5, tiles)
+            return triton_anchor_attention(q, k, v, c["anchors"], c["keep"], c["S"], c["bs"], q.shape[-1] ** -0.5,
+                                           tiles)
         return anchor_attention(q, k, v, c["anchors"], context_len=c["S"], block_size=c["bs"], keep=c["keep"],
                                 backend=backend)
 

@@ -166,7 +166,7 @@ def test_split_rows_give_the_same_tokens():
 
     logits = torch.randn(3, 5 * ref_rng.NOISE_TILE + 11, device=DEVICE)
     seed = torch.tensor([42], device=DEVICE)
-    results = [kernels.sample(logits, None, 0.9, None, 0, None, 1.0, None, 0.0, seed, 0, 3, filtered=False,
+    results = [kernels.sample_fwd(logits, None, 0.9, None, 0, None, 1.0, None, 0.0, seed, 0, 3, filtered=False,
                               num_parts=parts) for parts in (1, 2, 3, 6)]
     for tokens, probs in results[1:]:
         assert torch.equal(tokens, results[0][0])

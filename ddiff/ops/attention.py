@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ddiff._backend import resolve_backend
+from ddiff._backend import launch_wrapper, resolve_backend
 from ddiff.reference.attention import anchor_attention_reference
 from ddiff.reference.attention import anchor_mask_mod as _anchor_mask_mod_ref
 
@@ -113,6 +113,62 @@ def _check_inputs(q, k, v, anchors, context_len, block_size, keep, scale) -> tup
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"`scale` must be a finite float or None, got {scale!r}.")
     return context_len, block_size, float(scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton path: forward and backward registered as triton_ops, joined by autograd
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("ddiff::anchor_attention_triton", mutates_args=())
+def _anchor_attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, anc: Tensor, perm: Tensor, context_len: int, block_size: int, scale: float,
+    tiles: Optional[list[int]] = None,
+) -> tuple[Tensor, Tensor]:
+    from ddiff.kernels import anchor_attention as kernels
+
+    return kernels.anchor_attention_fwd(q, k, v, anc, perm, context_len, block_size, scale, tiles,
+                                        wrap=launch_wrapper())
+
+
+@torch.library.triton_op("ddiff::anchor_attention_triton_backward", mutates_args=())
+def _anchor_attention_triton_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, anc: Tensor, perm: Tensor,
+    context_len: int, block_size: int, scale: float, tiles: Optional[list[int]] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from ddiff.kernels import anchor_attention as kernels
+
+    return kernels.anchor_attention_bwd(grad_out, q, k, v, out, lse, anc, perm, context_len, block_size, scale,
+                                        tiles, wrap=launch_wrapper())
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, anc, perm, context_len, block_size, scale, tiles = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, anc, perm)
+    ctx.args = (context_len, block_size, scale, tiles)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, anc, perm = ctx.saved_tensors
+    context_len, block_size, scale, tiles = ctx.args
+    dq, dk, dv = torch.ops.ddiff.anchor_attention_triton_backward(grad_out, q, k, v, out, lse, anc, perm,
+                                                                   context_len, block_size, scale, tiles)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_anchor_attention_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_anchor_attention(q, k, v, anchors, keep, context_len: int, block_size: int, scale: float, tiles=None):
+    """The Triton path on validated inputs; ``tiles`` overrides the kernels' tile sizes (tests)."""
+    from ddiff.kernels import anchor_attention as kernels
+
+    anc, perm = kernels.sort_blocks(anchors, keep)
+    out, _ = torch.ops.ddiff.anchor_attention_triton(q, k, v, anc, perm, context_len, block_size, float(scale),
+                                                     None if tiles is None else [int(t) for t in tiles])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,9 +300,7 @@ def anchor_attention(
         backend = "torch"
 
     if backend == "triton":
-        from ddiff.kernels import anchor_attention as _k
-
-        return _k.anchor_attention(q, k, v, anchors, keep, context_len, block_size, scale)
+        return triton_anchor_attention(q, k, v, anchors, keep, context_len, block_size, scale)
     if backend == "flex":
         return _flex_anchor_attention(q, k, v, anchors, keep, context_len, block_size, scale)
     return anchor_attention_reference(q, k, v, anchors, context_len=context_len, block_size=block_size,

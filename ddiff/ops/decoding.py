@@ -8,13 +8,12 @@ from typing import Optional
 import torch
 from torch.library import custom_op, triton_op
 
-from ddiff._backend import resolve_backend
+from ddiff._backend import launch_wrapper, resolve_backend
 from ddiff._params import RngArgs, check_logits, check_range, eager, rng_args, row_param, rows_of, seed_rows
 from ddiff.ops.sampling import (
     _filter_params,
     _filters_active,
     _raise_invalid_rows,
-    _wrap,
     fake_tokens_and_values,
     flag_invalid_rows,
 )
@@ -75,9 +74,9 @@ def _predict_triton(
 ) -> tuple[Tensor, Tensor]:
     from ddiff.kernels import sampling as kernels
 
-    return kernels.predict(logits, mask, suppress, temperature, temperature_value, top_k, top_k_value, top_p,
+    return kernels.predict_tokens_fwd(logits, mask, suppress, temperature, temperature_value, top_k, top_k_value, top_p,
                            top_p_value, min_p, min_p_value, seed, seed_value, offset, confidence=confidence,
-                           conf_raw=confidence_from == "raw", filtered=filtered, wrap=_wrap())
+                           conf_raw=confidence_from == "raw", filtered=filtered, wrap=launch_wrapper())
 
 
 @custom_op("ddiff::mdlm_step_torch", mutates_args=())
@@ -108,10 +107,10 @@ def _mdlm_triton(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t: Tenso
 
     filtered = top_p is not None or top_p_value < 1.0
     suppress = torch.full((1,), mask_token_id, dtype=torch.int64, device=logits.device)
-    tokens, conf = kernels.predict(
+    tokens, conf = kernels.predict_tokens_fwd(
         logits, x_t == mask_token_id, suppress, temperature, temperature_value, None, 0, top_p, top_p_value,
         None, 0.0, seed, seed_value, offset, confidence="prob", conf_raw=False, filtered=filtered,
-        gate=unmask_probability(alpha_t, alpha_s).contiguous(), wrap=_wrap(),
+        gate=unmask_probability(alpha_t, alpha_s).contiguous(), wrap=launch_wrapper(),
     )
     return torch.where(tokens >= 0, tokens, x_t), conf
 
@@ -135,9 +134,9 @@ def _udlm_triton(logits: Tensor, x_t: Tensor, alpha_t: Tensor, alpha_s: Tensor, 
                  seed_value: int, offset: int) -> tuple[Tensor, Tensor]:
     from ddiff.kernels import sampling as kernels
 
-    tokens, p_xt = kernels.predict(
+    tokens, p_xt = kernels.predict_tokens_fwd(
         logits, None, None, None, 1.0, None, 0, None, 1.0, None, 0.0, seed, seed_value, offset,
-        confidence="prob", conf_raw=True, filtered=False, query=x_t, wrap=_wrap(),
+        confidence="prob", conf_raw=True, filtered=False, query=x_t, wrap=launch_wrapper(),
     )
     seeds = seed_rows(RngArgs(seed, seed_value, offset), logits.shape[0], logits.device)
     return udlm_choose(tokens, p_xt, x_t, alpha_t, alpha_s, logits.shape[1], seeds, offset), p_xt

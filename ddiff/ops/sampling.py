@@ -7,20 +7,11 @@ from typing import Optional
 import torch
 from torch.library import custom_op, triton_op
 
-from ddiff._backend import resolve_backend, triton_interpreting
+from ddiff._backend import launch_wrapper, resolve_backend
 from ddiff._params import RngArgs, check_logits, check_range, eager, rng_args, row_param, rows_of, seed_rows
 from ddiff.reference.sampling import filter_logits_reference, invalid_rows, sample_reference
 
 Tensor = torch.Tensor
-
-
-def _wrap():
-    """wrap_triton lets torch.compile trace a launch; the interpreter needs the raw kernel."""
-    if triton_interpreting():
-        return lambda kernel: kernel
-    from torch.library import wrap_triton
-
-    return wrap_triton
 
 
 def _raise_invalid_rows(bad: Tensor) -> None:
@@ -79,8 +70,8 @@ def _sample_triton(
 ) -> tuple[Tensor, Tensor]:
     from ddiff.kernels import sampling as kernels
 
-    return kernels.sample(logits, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
-                          min_p, min_p_value, seed, seed_value, offset, filtered=filtered, wrap=_wrap())
+    return kernels.sample_fwd(logits, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
+                          min_p, min_p_value, seed, seed_value, offset, filtered=filtered, wrap=launch_wrapper())
 
 
 @custom_op("ddiff::filter_logits_torch", mutates_args=())
@@ -105,7 +96,7 @@ def _filter_triton(logits: Tensor, top_k: Optional[Tensor], top_k_value: int, to
                    top_p_value: float, min_p: Optional[Tensor], min_p_value: float) -> tuple[Tensor, Tensor]:
     from ddiff.kernels import sampling as kernels
 
-    return kernels.filter_logits(logits, top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, wrap=_wrap())
+    return kernels.filter_logits_fwd(logits, top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, wrap=launch_wrapper())
 
 
 # ---------------------------------------------------------------------------------------------

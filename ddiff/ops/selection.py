@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import torch
 
-from ddiff._backend import resolve_backend
+from ddiff._backend import launch_wrapper, resolve_backend
 from ddiff.reference import selection as _ref
 
 __all__ = ["num_transfer_tokens", "select_edits", "select_transfer"]
@@ -16,8 +16,8 @@ Scalar = Union[int, float]
 
 
 # --------------------------------------------------------------------------------------
-# torch.library registration of the PyTorch path (the Triton path is the triton_op
-# ``ddiff::select_transfer_triton`` in ``ddiff.kernels.selection``, imported lazily).
+# torch.library registration: the PyTorch path and the Triton path (whose launcher,
+# ``ddiff.kernels.selection.select_transfer_fwd``, is imported lazily).
 # --------------------------------------------------------------------------------------
 @torch.library.custom_op("ddiff::select_transfer_torch", mutates_args=())
 def _select_transfer_torch(
@@ -47,6 +47,25 @@ def _select_transfer_torch(
 @_select_transfer_torch.register_fake
 def _select_transfer_fake(confidence, mask, k, k_scalar, threshold, threshold_scalar, factor, factor_scalar, rule, min_transfer):
     return confidence.new_empty(confidence.shape, dtype=torch.bool)
+
+
+@torch.library.triton_op("ddiff::select_transfer_triton", mutates_args=())
+def _select_transfer_triton(
+    confidence: torch.Tensor,
+    mask: torch.Tensor,
+    k: Optional[torch.Tensor],
+    k_scalar: int,
+    threshold: Optional[torch.Tensor],
+    threshold_scalar: float,
+    factor: Optional[torch.Tensor],
+    factor_scalar: float,
+    rule: int,
+    min_transfer: int,
+) -> torch.Tensor:
+    from ddiff.kernels import selection as kernels
+
+    return kernels.select_transfer_fwd(confidence, mask, k, k_scalar, threshold, threshold_scalar, factor,
+                                       factor_scalar, rule, min_transfer, wrap=launch_wrapper())
 
 
 # --------------------------------------------------------------------------------------
@@ -200,10 +219,8 @@ def select_transfer(
     args = (confidence, mask, k, min(k_scalar, length), thr, thr_scalar, fac, fac_scalar, rule, min(int(min_transfer), length))
 
     if resolve_backend(backend, confidence) == "triton":
-        from ddiff.kernels import selection as _k
-
-        return _k.select_transfer_triton(*args)
-    return _select_transfer_torch(*args)
+        return torch.ops.ddiff.select_transfer_triton(*args)
+    return torch.ops.ddiff.select_transfer_torch(*args)
 
 
 def num_transfer_tokens(mask: torch.Tensor, steps: int) -> torch.Tensor:
