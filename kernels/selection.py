@@ -9,7 +9,9 @@ Design: one program per row; the whole row (L <= MAX_L) sits in registers.
    top-k: ``min(k, N)``; threshold: ``max(#{c > τ}, min(min_transfer, N))``;
    both: ``max(#{c > τ}, min(k, N))``; factor: a bisection over the rank n of
    "at least n candidates reach Fast-dLLM's bar ``1 - f / (n + 1)``" (monotone in n for
-   f > 0), then Fast-dLLM's last-rank quirk.
+   f > 0), then Fast-dLLM's last-rank quirk; entropy bound: a bisection over the key t of
+   "the candidates more confident than t cost at most the bound" (fp64 sums of the
+   entropies ``-c``), plus the members of the tie group at the boundary that still fit.
 3. Find T, the k-th largest key, by bisection on the int32 key range: 32 fixed
    iterations, each one masked count (``tl.sum``).
 4. Ties at T: of the candidates with key == T, take the ``k - #{key > T}`` lowest
@@ -50,7 +52,7 @@ def _select_transfer_kernel(
     stride_conf,
     stride_mask,
     stride_out,
-    RULE: tl.constexpr,  # 0 top-k, 1 threshold, 2 both, 3 factor
+    RULE: tl.constexpr,  # 0 top-k, 1 threshold, 2 both, 3 factor, 4 entropy bound
     K_PER_ROW: tl.constexpr,
     THR_PER_ROW: tl.constexpr,
     FAC_PER_ROW: tl.constexpr,
@@ -88,6 +90,34 @@ def _select_transfer_kernel(
             r_hi = tl.where(ok, r_hi, r_mid)
         # Fast-dLLM commits everything when the first failing rank is the last one.
         k = tl.where(r_lo >= n_cand - 1, n_cand, r_lo)
+    elif RULE == 4:
+        # Entropy bound (the bound rides in the threshold slot): a candidate costs its entropy
+        # e = max(-c, 0). G(t) = sum of e over candidates with key > t only grows as t falls
+        # (an fp64 tree sum of non-negative terms is monotone), so bisection finds the lowest
+        # key t0 with G(t0) <= bound; the candidates above t0 all pass, and of the tie group at
+        # t0 (cost e0 each) the first r pass while G(t0) + r * e0 <= bound.
+        if THR_PER_ROW:
+            bound = tl.load(thr_ptr + row).to(tl.float64)
+        else:
+            bound = (thr_scalar + tl.zeros([], tl.float32)).to(tl.float64)
+        cost = tl.where(cand, tl.maximum(-c, 0.0), 0.0).to(tl.float64)
+        key64 = key.to(tl.int64)
+        t_lo = tl.full((), -2147483649, tl.int64)  # below every key: treated as failing
+        t_hi = tl.full((), 2147483647, tl.int64)  # nothing lies above: G = 0 passes
+        for _ in range(33):
+            t_mid = (t_lo + t_hi) >> 1
+            g = tl.sum(tl.where(key64 > t_mid, cost, 0.0), axis=0)
+            ok = g <= bound
+            t_hi = tl.where(ok, t_mid, t_hi)
+            t_lo = tl.where(ok, t_lo, t_mid)
+        g0 = tl.sum(tl.where(key64 > t_hi, cost, 0.0), axis=0)
+        n_above = tl.sum((cand & (key64 > t_hi)).to(tl.int32), axis=0)
+        at_t0 = cand & (key64 == t_hi)
+        n_tied = tl.sum(at_t0.to(tl.int32), axis=0)
+        e0 = tl.max(tl.where(at_t0, cost, 0.0), axis=0)
+        # r * e0 with r = 0 must stay 0 (not NaN) when e0 is +inf
+        spent = g0 + offs.to(tl.float64) * tl.where(offs == 0, 0.0, e0)
+        k = n_above + tl.sum(((offs < n_tied) & (spent <= bound)).to(tl.int32), axis=0)
     else:
         if RULE != 1:
             if K_PER_ROW:
@@ -163,7 +193,8 @@ def select_transfer_fwd(
 ) -> torch.Tensor:
     """Launch the selection kernel. Arguments are already validated by ``ddiff.ops``.
 
-    ``rule``: 0 top-k, 1 threshold, 2 both, 3 factor. A per-row value is given by its
+    ``rule``: 0 top-k, 1 threshold, 2 both, 3 factor, 4 entropy bound (the bound is passed as
+    ``threshold`` / ``threshold_scalar``). A per-row value is given by its
     tensor (shape [B] or []); otherwise the ``*_scalar`` value is used.
     """
     batch, length = confidence.shape
@@ -175,9 +206,10 @@ def select_transfer_fwd(
         return _ref.select_transfer_reference(
             confidence,
             mask,
-            num_transfer=None if rule in (1, 3) else (k if k is not None else k_scalar),
-            threshold=None if rule in (0, 3) else (threshold if threshold is not None else threshold_scalar),
+            num_transfer=None if rule in (1, 3, 4) else (k if k is not None else k_scalar),
+            threshold=None if rule in (0, 3, 4) else (threshold if threshold is not None else threshold_scalar),
             factor=None if rule != 3 else (factor if factor is not None else factor_scalar),
+            entropy_bound=None if rule != 4 else (threshold if threshold is not None else threshold_scalar),
             min_transfer=min_transfer,
         )
 

@@ -8,6 +8,7 @@ from typing import Optional, Union
 import torch
 
 from ddiff._backend import launch_wrapper, resolve_backend
+from ddiff._params import eager
 from ddiff.reference import selection as _ref
 
 __all__ = ["num_transfer_tokens", "select_edits", "select_transfer"]
@@ -32,14 +33,19 @@ def _select_transfer_torch(
     rule: int,
     min_transfer: int,
 ) -> torch.Tensor:
+    # The entropy bound travels in the threshold slot (one schema for every rule).
+    bound_rule = rule == _ref.RULE_ENTROPY_BOUND
     return _ref.select_transfer_reference(
         confidence,
         mask,
-        num_transfer=None if rule in (_ref.RULE_THRESHOLD, _ref.RULE_FACTOR) else (k if k is not None else k_scalar),
+        num_transfer=None
+        if rule in (_ref.RULE_THRESHOLD, _ref.RULE_FACTOR) or bound_rule
+        else (k if k is not None else k_scalar),
         threshold=None
-        if rule in (_ref.RULE_TOPK, _ref.RULE_FACTOR)
+        if rule in (_ref.RULE_TOPK, _ref.RULE_FACTOR) or bound_rule
         else (threshold if threshold is not None else threshold_scalar),
         factor=None if rule != _ref.RULE_FACTOR else (factor if factor is not None else factor_scalar),
+        entropy_bound=(threshold if threshold is not None else threshold_scalar) if bound_rule else None,
         min_transfer=min_transfer,
     )
 
@@ -132,6 +138,7 @@ def select_transfer(
     num_transfer: Optional[Union[int, torch.Tensor]] = None,
     threshold: Optional[Union[Scalar, torch.Tensor]] = None,
     factor: Optional[Union[Scalar, torch.Tensor]] = None,
+    entropy_bound: Optional[Union[Scalar, torch.Tensor]] = None,
     min_transfer: int = 1,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -160,6 +167,15 @@ def select_transfer(
       (as in Fast-dLLM's code). Needs ``f > 0``. ``factor`` cannot be combined with
       ``num_transfer`` or ``threshold`` (Fast-dLLM's dynamic path ignores both; a mix
       has no defined meaning) and ``min_transfer`` does not apply (it commits >= 1).
+    * ``entropy_bound=b`` — the entropy-bound sampler (arXiv 2505.24857; DiffusionGemma's
+      ``EntropyBoundSampler.accept_canvas``), with ``confidence`` the negative entropy that
+      ``predict_tokens(..., confidence="neg_entropy")`` returns. Each candidate costs its
+      entropy ``e = max(-confidence, 0)``; sorted by cost, the n-th candidate is accepted when
+      the costs of the candidates before it sum to at most b (``e_1 + ... + e_{n-1} <= b``,
+      i.e. ``sum - max <= b`` over the accepted set), so the least uncertain one always is.
+      Sums are float64, the bound is rounded to fp32. Needs ``b >= 0``; alone, like
+      ``factor``, and ``min_transfer`` does not apply. Where tied entropies straddle the
+      bound the lower positions are taken (transformers' sort takes an arbitrary subset).
 
     Rows without candidates select nothing under every rule.
 
@@ -171,6 +187,7 @@ def select_transfer(
             Negative tensor entries count as 0 (not checked, to avoid a host sync).
         threshold: float, or ``[B]`` (or 0-dim) floating tensor.
         factor: float > 0, or ``[B]`` (or 0-dim) floating tensor with positive entries.
+        entropy_bound: float >= 0, or ``[B]`` (or 0-dim) floating tensor (entries >= 0).
         min_transfer: int >= 0, the floor of the threshold-only rule.
         backend: ``"auto"`` (Triton on CUDA, PyTorch otherwise), ``"torch"`` or ``"triton"``.
 
@@ -185,6 +202,9 @@ def select_transfer(
         tensor([[ True, False, False,  True]])
         >>> select_transfer(conf, mask, threshold=0.95)  # nobody passes: top-1
         tensor([[ True, False, False, False]])
+        >>> neg_entropy = torch.tensor([[-0.02, -0.5, -0.05, -0.06]])
+        >>> select_transfer(neg_entropy, torch.ones(1, 4, dtype=torch.bool), entropy_bound=0.1)
+        tensor([[ True, False,  True,  True]])
     """
     _check_2d("confidence", confidence)
     _check_2d("mask", mask, confidence.shape)
@@ -193,12 +213,16 @@ def select_transfer(
         raise TypeError(f"`confidence` must have a floating dtype, got {confidence.dtype}.")
     if mask.dtype != torch.bool:
         raise TypeError(f"`mask` must be a bool tensor, got {mask.dtype}.")
-    if num_transfer is None and threshold is None and factor is None:
-        raise ValueError("select_transfer needs a rule: give `num_transfer`, `threshold` and/or `factor`.")
+    if num_transfer is None and threshold is None and factor is None and entropy_bound is None:
+        raise ValueError(
+            "select_transfer needs a rule: give `num_transfer`, `threshold` and/or `factor`, or `entropy_bound`."
+        )
     if factor is not None and (num_transfer is not None or threshold is not None):
         raise ValueError(
             "`factor` (Fast-dLLM's dynamic rule) cannot be combined with `num_transfer` or `threshold`."
         )
+    if entropy_bound is not None and (num_transfer is not None or threshold is not None or factor is not None):
+        raise ValueError("`entropy_bound` cannot be combined with `num_transfer`, `threshold` or `factor`.")
     if not _is_int(min_transfer):
         raise TypeError(f"`min_transfer` must be an int, got {type(min_transfer).__name__}.")
     if min_transfer < 0:
@@ -208,9 +232,17 @@ def select_transfer(
     fac, fac_scalar = _split("factor", factor, confidence, integer=False)
     if factor is not None and fac is None and not fac_scalar > 0:
         raise ValueError(f"`factor` must be > 0, got {factor}.")
+    if entropy_bound is not None:
+        thr, thr_scalar = _split("entropy_bound", entropy_bound, confidence, integer=False)
+        if thr is None and not thr_scalar >= 0:  # also rejects NaN
+            raise ValueError(f"`entropy_bound` must be >= 0, got {entropy_bound}.")
+        if thr is not None and eager() and thr.numel() and bool(((thr < 0) | torch.isnan(thr)).any()):
+            raise ValueError("every value of `entropy_bound` must be >= 0.")
 
     if factor is not None:
         rule = _ref.RULE_FACTOR
+    elif entropy_bound is not None:
+        rule = _ref.RULE_ENTROPY_BOUND
     elif num_transfer is not None:
         rule = _ref.RULE_BOTH if threshold is not None else _ref.RULE_TOPK
     else:

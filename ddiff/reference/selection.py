@@ -28,12 +28,15 @@ RULE_TOPK = 0
 RULE_THRESHOLD = 1
 RULE_BOTH = 2
 RULE_FACTOR = 3
+RULE_ENTROPY_BOUND = 4
 
 __all__ = [
     "RULE_BOTH",
+    "RULE_ENTROPY_BOUND",
     "RULE_FACTOR",
     "RULE_THRESHOLD",
     "RULE_TOPK",
+    "entropy_bound_count_reference",
     "factor_count_reference",
     "num_transfer_tokens_reference",
     "select_edits_reference",
@@ -92,6 +95,31 @@ def factor_count_reference(sorted_conf: torch.Tensor, n_cand: torch.Tensor, fact
     return torch.where(passed >= n_cand - 1, n_cand, passed)
 
 
+def entropy_bound_count_reference(sorted_conf: torch.Tensor, n_cand: torch.Tensor, bound) -> torch.Tensor:
+    """How many tokens the entropy-bound rule commits, per row (arXiv 2505.24857).
+
+    ``sorted_conf`` is [B, L] fp32 with each row's candidate confidences first, in
+    descending order; ``n_cand`` is N per row. A candidate's cost is its entropy,
+    ``e = max(-confidence, 0)`` (the confidence is ``predict_tokens``' ``neg_entropy``;
+    ``-inf`` costs ``+inf``). Rank n (1-indexed) is accepted when the costs of the ranks
+    before it sum to at most the bound: ``e_1 + ... + e_{n-1} <= bound``, i.e.
+    ``sum(e_1..e_n) - max(e_1..e_n) <= bound`` as DiffusionGemma's ``EntropyBoundSampler``
+    writes it. The sums are accumulated in float64 and compared with the bound rounded to
+    fp32. The left side only grows with n, so the accepted ranks are the first k; rank 1
+    always passes (an empty sum is 0), so k >= 1 whenever N >= 1.
+    """
+    batch, length = sorted_conf.shape
+    device = sorted_conf.device
+    b = _per_row(bound, batch, torch.float32, device).to(torch.float64)[:, None]
+    j = torch.arange(length, device=device)
+    in_row = j[None, :] < n_cand.to(torch.int64)[:, None]
+    cost = torch.where(in_row, (-sorted_conf.to(torch.float64)).clamp_min(0.0), torch.zeros((), dtype=torch.float64,
+                                                                                            device=device))
+    # Exclusive prefix sums without a subtraction, so an infinite cost never meets inf - inf.
+    before = torch.cat([torch.zeros_like(cost[:, :1]), torch.cumsum(cost, dim=1)[:, :-1]], dim=1)
+    return (in_row & (before <= b)).sum(dim=1)
+
+
 def select_transfer_reference(
     confidence: torch.Tensor,
     mask: torch.Tensor,
@@ -99,6 +127,7 @@ def select_transfer_reference(
     num_transfer: Optional[Union[int, torch.Tensor]] = None,
     threshold: Optional[Union[Number, torch.Tensor]] = None,
     factor: Optional[Union[Number, torch.Tensor]] = None,
+    entropy_bound: Optional[Union[Number, torch.Tensor]] = None,
     min_transfer: int = 1,
 ) -> torch.Tensor:
     """Which masked positions to commit this step. Returns a bool [B, L] tensor.
@@ -116,8 +145,10 @@ def select_transfer_reference(
       else the top-min(k, N). ``min_transfer`` is not used.
     * ``factor=f`` (Fast-dLLM ``get_transfer_index_dynamic``): the top-n, with n from
       :func:`factor_count_reference`.
+    * ``entropy_bound=b`` (DiffusionGemma's ``EntropyBoundSampler``; ``confidence`` is the
+      negative entropy): the top-n, with n from :func:`entropy_bound_count_reference`.
 
-    ``num_transfer``, ``threshold`` and ``factor`` may be Python scalars or [B] tensors.
+    ``num_transfer``, ``threshold``, ``factor`` and ``entropy_bound`` may be Python scalars or [B] tensors.
     Negative per-row ``num_transfer`` entries count as 0. No argument checking happens
     here: :func:`ddiff.ops.select_transfer` validates.
     """
@@ -137,6 +168,8 @@ def select_transfer_reference(
 
     if factor is not None:
         k_eff = factor_count_reference(c.gather(1, order), n_cand, factor)
+    elif entropy_bound is not None:
+        k_eff = entropy_bound_count_reference(c.gather(1, order), n_cand, entropy_bound)
     else:
         if threshold is not None:
             thr = _per_row(threshold, batch, torch.float32, device)
