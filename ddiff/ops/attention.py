@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from typing import Optional
 
 import torch
 
 from ddiff._backend import launch_wrapper, resolve_backend
+from ddiff._checks import check_dim, check_int, check_real, check_tensor, eager, is_integer_dtype
 from ddiff.reference.attention import anchor_attention_reference
 from ddiff.reference.attention import anchor_mask_mod as _anchor_mask_mod_ref
 
@@ -20,29 +19,16 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _eager() -> bool:
-    return not torch.compiler.is_compiling()
-
-
 # ---------------------------------------------------------------------------------------------
 # Input checks, shared by every backend
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return int(value)
-
-
 def _check_mask_args(anchors, context_len, block_size, keep, device=None, batch=None):
-    context_len = _check_int("context_len", context_len, 0)
-    block_size = _check_int("block_size", block_size, 1)
-    if not isinstance(anchors, torch.Tensor):
-        raise TypeError(f"`anchors` must be a torch.Tensor, got {type(anchors).__name__}.")
-    if anchors.dtype.is_floating_point or anchors.dtype.is_complex or anchors.dtype == torch.bool:
+    context_len = check_int("context_len", context_len, 0)
+    block_size = check_int("block_size", block_size, 1)
+    check_tensor("anchors", anchors)
+    if not is_integer_dtype(anchors.dtype):
         raise TypeError(f"`anchors` must be an integer tensor (int64), got {anchors.dtype}.")
     if anchors.dim() != 2:
         raise ValueError(f"`anchors` must have shape [B, N], got {tuple(anchors.shape)}.")
@@ -61,8 +47,9 @@ def _check_mask_args(anchors, context_len, block_size, keep, device=None, batch=
             )
         if keep.device != anchors.device:
             raise ValueError(f"`keep` is on {keep.device} but `anchors` is on {anchors.device}.")
-    if _eager() and anchors.numel() > 0:
-        lo, hi = (int(x) for x in torch.aminmax(anchors))  # one host sync; skipped under torch.compile
+    if eager() and anchors.numel() > 0:
+        # One host sync: skipped under torch.compile and inside ddiff.sync_checks(False).
+        lo, hi = (int(x) for x in torch.aminmax(anchors))
         if lo < 0 or hi > context_len:
             raise ValueError(
                 f"`anchors` must lie in [0, context_len={context_len}], got values in [{lo}, {hi}]."
@@ -73,10 +60,8 @@ def _check_mask_args(anchors, context_len, block_size, keep, device=None, batch=
 def _check_inputs(q, k, v, anchors, context_len, block_size, keep, scale) -> tuple[int, int, float]:
     """Validate every argument; return ``(context_len, block_size, scale)``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}.")
-        if t.dim() != 4:
-            raise ValueError(f"`{name}` must be 4-D [B, H, L, D], got shape {tuple(t.shape)}.")
+        check_tensor(name, t)
+        check_dim(name, t, 4, "[B, H, L, D]")
     if q.dtype not in _DTYPES:
         raise TypeError(f"`q` must be float16, bfloat16, float32 or float64, got {q.dtype}.")
     for name, t in (("k", k), ("v", v)):
@@ -110,8 +95,8 @@ def _check_inputs(q, k, v, anchors, context_len, block_size, keep, scale) -> tup
         )
     if scale is None:
         scale = D**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise TypeError(f"`scale` must be a finite float or None, got {scale!r}.")
+    else:
+        scale = check_real("scale", scale, finite=True)
     return context_len, block_size, float(scale)
 
 
@@ -259,7 +244,9 @@ def anchor_attention(
     anchors : torch.Tensor
         Integer tensor (int64) ``[B, N]`` with values in ``[0, context_len]``: how many context tokens
         each block sees. Unsorted and repeated anchors are fine; ``0`` means the block sees only
-        itself. Checked on the host in eager mode (one sync), not under ``torch.compile``.
+        itself. Checked on the host (one sync), except under ``torch.compile`` and inside
+        ``ddiff.sync_checks(False)``, where out-of-range anchors are clamped to
+        ``[0, context_len]`` on the device instead (so no kernel reads past the context).
     context_len : int
         Number of context positions ``S`` at the front of ``k``/``v`` (may be 0).
     block_size : int
@@ -292,6 +279,8 @@ def anchor_attention(
     torch.Size([1, 4, 48, 64])
     """
     context_len, block_size, scale = _check_inputs(q, k, v, anchors, context_len, block_size, keep, scale)
+    if not eager():  # the range check was skipped: keep every anchor inside the context
+        anchors = anchors.clamp(0, context_len)
     backend = resolve_backend(backend, q, extra=("flex",))
     if backend == "triton" and q.dtype not in _TRITON_DTYPES:
         raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 `q`, got {q.dtype}; "

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Union
 
 import torch
 
 from ddiff._backend import launch_wrapper, resolve_backend
-from ddiff._params import eager
+from ddiff._checks import (check_device, check_dim, check_per_row_tensor, check_shape, check_tensor, eager, is_int,
+                           row_param)
 from ddiff.reference import selection as _ref
 
 __all__ = ["num_transfer_tokens", "select_edits", "select_transfer"]
@@ -77,55 +77,22 @@ def _select_transfer_triton(
 # --------------------------------------------------------------------------------------
 # argument checking
 # --------------------------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _check_2d(name: str, t, shape=None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}.")
-    if t.dim() != 2:
-        raise ValueError(f"`{name}` must be 2-D [B, L], got shape {tuple(t.shape)}.")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"`{name}` has shape {tuple(t.shape)}, expected {tuple(shape)} (the shape of `confidence`).")
-
-
-def _check_same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"`{name}` is on {t.device} but `confidence` is on {ref.device}.")
-
-
-def _check_per_row(name: str, t: torch.Tensor, ref: torch.Tensor, *, integer: bool) -> None:
-    batch = ref.shape[0]
-    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
-        raise ValueError(f"`{name}` as a tensor must have shape [B] = [{batch}] (or be 0-dim), got {tuple(t.shape)}.")
-    _check_same_device(name, t, ref)
-    if integer and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
-        raise TypeError(f"`{name}` as a tensor must have an integer dtype, got {t.dtype}.")
-    if not integer and not t.is_floating_point():
-        raise TypeError(f"`{name}` as a tensor must have a floating dtype, got {t.dtype}.")
+    check_tensor(name, t)
+    check_dim(name, t, 2, "[B, L]")
+    if shape is not None:
+        check_shape(name, t, shape, "the shape of `confidence`")
 
 
 def _split(name: str, value, ref: torch.Tensor, *, integer: bool):
-    """(tensor or None, scalar) for the op schema."""
-    if value is None:
-        return None, 0 if integer else 0.0
+    """(tensor or None, scalar) for the op schema; a scalar count must be >= 0."""
     if isinstance(value, torch.Tensor):
-        _check_per_row(name, value, ref, integer=integer)
+        check_per_row_tensor(name, value, ref.shape[0], ref.device, integer=integer, other="`confidence`")
         return value, 0 if integer else 0.0
-    if integer:
-        if not _is_int(value):
-            raise TypeError(f"`{name}` must be an int or an integer [B] tensor, got {type(value).__name__}.")
-        if value < 0:
-            raise ValueError(f"`{name}` must be >= 0, got {value}.")
-        return None, int(value)
-    if not _is_real(value):
-        raise TypeError(f"`{name}` must be a float or a floating [B] tensor, got {type(value).__name__}.")
-    return None, float(value)
+    tensor, scalar = row_param(name, value, ref.shape[0], ref.device, integer=integer, default=0 if integer else 0.0)
+    if integer and scalar < 0:
+        raise ValueError(f"`{name}` must be >= 0, got {scalar}.")
+    return tensor, int(scalar) if integer else float(scalar)
 
 
 # --------------------------------------------------------------------------------------
@@ -208,7 +175,7 @@ def select_transfer(
     """
     _check_2d("confidence", confidence)
     _check_2d("mask", mask, confidence.shape)
-    _check_same_device("mask", mask, confidence)
+    check_device("mask", mask, confidence.device, "`confidence`")
     if not confidence.is_floating_point():
         raise TypeError(f"`confidence` must have a floating dtype, got {confidence.dtype}.")
     if mask.dtype != torch.bool:
@@ -223,7 +190,7 @@ def select_transfer(
         )
     if entropy_bound is not None and (num_transfer is not None or threshold is not None or factor is not None):
         raise ValueError("`entropy_bound` cannot be combined with `num_transfer`, `threshold` or `factor`.")
-    if not _is_int(min_transfer):
+    if not is_int(min_transfer):
         raise TypeError(f"`min_transfer` must be an int, got {type(min_transfer).__name__}.")
     if min_transfer < 0:
         raise ValueError(f"`min_transfer` must be >= 0, got {min_transfer}.")
@@ -277,7 +244,7 @@ def num_transfer_tokens(mask: torch.Tensor, steps: int) -> torch.Tensor:
     _check_2d("mask", mask)
     if mask.dtype != torch.bool:
         raise TypeError(f"`mask` must be a bool tensor, got {mask.dtype}.")
-    if not _is_int(steps):
+    if not is_int(steps):
         raise TypeError(f"`steps` must be an int, got {type(steps).__name__}.")
     if steps < 1:
         raise ValueError(f"`steps` must be >= 1, got {steps}.")
@@ -317,7 +284,7 @@ def select_edits(
     _check_2d("confidence", confidence)
     for name, t in (("pred_tokens", pred_tokens), ("x", x), ("editable", editable)):
         _check_2d(name, t, confidence.shape)
-        _check_same_device(name, t, confidence)
+        check_device(name, t, confidence.device, "`confidence`")
     if not confidence.is_floating_point():
         raise TypeError(f"`confidence` must have a floating dtype, got {confidence.dtype}.")
     if editable.dtype != torch.bool:

@@ -1,0 +1,235 @@
+"""Argument checks shared by every op and pipeline: the one place for int / real / tensor checks.
+
+Every public entry point validates its arguments with these helpers before its single
+dispatch point, so a bad argument raises the same ``TypeError`` / ``ValueError`` naming it on
+every backend. Checks that read a tensor's values wait for the device; they run only while
+:func:`eager` is true (not under ``torch.compile``, not inside ``ddiff.sync_checks(False)``).
+
+A *per-row parameter* is a Python scalar or a tensor with one value per row (or a 0-dim
+tensor). :func:`row_param` normalises it to ``(tensor [R] or None, python scalar)``: kernels
+take the tensor when there is one and the scalar otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from ddiff.reference.rng import MAX_ROWS
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_SYNC_CHECKS = [True]
+
+
+@contextlib.contextmanager
+def sync_checks(enabled: bool):
+    """Turn the checks that read tensor values on or off inside a ``with`` block.
+
+    Checking a per-row parameter tensor's range, or whether the logits held NaN, means waiting
+    for the device. Inside ``with ddiff.sync_checks(False):`` those checks are skipped, so a
+    decoding loop runs without a host sync: invalid rows then come back as token -1 (and
+    confidence NaN), and the caller validates once, as the pipelines do at the end of a call.
+    Shape, dtype, device and Python-scalar checks always run. Under ``torch.compile`` the
+    value checks are skipped as well.
+
+    Example:
+        >>> with ddiff.sync_checks(False):
+        ...     tokens = ddiff.sample(logits, seed=0)   # no host sync; bad rows give -1
+    """
+    previous = _SYNC_CHECKS[0]
+    _SYNC_CHECKS[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _SYNC_CHECKS[0] = previous
+
+
+def eager() -> bool:
+    """True when checks that read tensor values (a host sync) may run."""
+    return _SYNC_CHECKS[0] and not torch.compiler.is_compiling()
+
+
+# ---------------------------------------------------------------------------------------------
+# Python scalars
+# ---------------------------------------------------------------------------------------------
+
+
+def is_int(value) -> bool:
+    """True for Python / NumPy integers; bools are not integers here."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """True for Python / NumPy real numbers (ints included); bools are not numbers here."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    """``value`` as an ``int``; TypeError unless it is an integer, ValueError outside the bounds."""
+    if not is_int(value):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be <= {maximum}, got {value}.")
+    return int(value)
+
+
+def check_real(name: str, value, *, finite: bool = False) -> float:
+    """``value`` as a ``float``; TypeError unless it is a real number (finite, if asked)."""
+    if not is_real(value) or (finite and not math.isfinite(value)):
+        kind = "a finite float" if finite else "a float"
+        raise TypeError(f"`{name}` must be {kind}, got {value!r}.")
+    return float(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}.")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")
+    return value
+
+
+def check_token_id(name: str, value, vocab: int) -> int:
+    """A token id: an int in ``[0, vocab)``."""
+    if not is_int(value):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+    if not 0 <= value < vocab:
+        raise ValueError(f"`{name}` must lie in [0, {vocab}), got {value}.")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def check_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
+    return value
+
+
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def check_dtype(name: str, tensor: torch.Tensor, kind: str) -> None:
+    """``kind``: ``"bool"``, ``"int"`` (any integer dtype, not bool) or ``"float"``."""
+    if kind == "bool" and tensor.dtype != torch.bool:
+        raise TypeError(f"`{name}` must be a bool tensor, got {tensor.dtype}.")
+    if kind == "int" and not is_integer_dtype(tensor.dtype):
+        raise TypeError(f"`{name}` must hold integers, got a {tensor.dtype} tensor.")
+    if kind == "float" and not tensor.dtype.is_floating_point:
+        raise TypeError(f"`{name}` must hold floats, got a {tensor.dtype} tensor.")
+
+
+def check_device(name: str, tensor: torch.Tensor, device, other: str = "the logits") -> None:
+    if tensor.device != torch.device(device):
+        raise ValueError(f"`{name}` is on {tensor.device} but {other} is on {device}.")
+
+
+def check_shape(name: str, tensor: torch.Tensor, shape, what: str = "") -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        detail = f" ({what})" if what else ""
+        raise ValueError(f"`{name}` must have shape {tuple(shape)}{detail}, got {tuple(tensor.shape)}.")
+
+
+def check_dim(name: str, tensor: torch.Tensor, dim: int, layout: str) -> None:
+    if tensor.dim() != dim:
+        raise ValueError(f"`{name}` must be {dim}-D {layout}, got shape {tuple(tensor.shape)}.")
+
+
+def check_logits(logits, name: str = "logits") -> torch.Tensor:
+    """Validate a [..., V] logits tensor and return its [R, V] view with unit column stride."""
+    check_tensor(name, logits)
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"`{name}` must be float32, float16 or bfloat16, got {logits.dtype}.")
+    if logits.dim() < 1:
+        raise ValueError(f"`{name}` must have at least one dimension (the vocabulary).")
+    vocab = logits.shape[-1]
+    if vocab < 1:
+        raise ValueError(f"`{name}` must have a vocabulary dimension of at least 1, got {vocab}.")
+    if vocab >= 2**31:
+        raise ValueError(f"`{name}`: a vocabulary of {vocab} is too large (must be < 2^31).")
+    rows2d = logits.reshape(-1, vocab)
+    if rows2d.stride(-1) != 1 and vocab > 1:
+        rows2d = rows2d.contiguous()
+    if rows2d.shape[0] >= MAX_ROWS:
+        raise ValueError(f"`{name}` has {rows2d.shape[0]} rows; at most 2^32 - 1 are supported.")
+    return rows2d
+
+
+def check_per_row_tensor(name: str, value: torch.Tensor, rows: int, device, *, integer: bool,
+                         other: str = "the logits") -> None:
+    """A per-row parameter tensor: 0-dim or ``[rows]``, on ``device``, of an integer / float dtype."""
+    check_dtype(name, value, "int" if integer else "float")
+    check_device(name, value, device, other)
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != rows):
+        raise ValueError(
+            f"`{name}` must be a scalar or have one value per row ({rows} rows), got shape {tuple(value.shape)}."
+        )
+
+
+def row_param(name, value, rows: int, device, *, integer: bool, default):
+    """Normalise a per-row parameter to ``(tensor [R] or None, python scalar)``.
+
+    A tensor is checked (:func:`check_per_row_tensor`), broadcast to ``[R]`` and cast to int64
+    / fp32; a scalar must be an int (``integer``) or a real number.
+    """
+    if value is None:
+        return None, default
+    if isinstance(value, torch.Tensor):
+        check_per_row_tensor(name, value, rows, device, integer=integer)
+        if value.dim() == 0:
+            value = value.reshape(1).expand(rows)
+        return value.to(torch.int64 if integer else torch.float32).contiguous(), default
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a number or a tensor, got a bool.")
+    if integer:
+        if not is_int(value):
+            raise TypeError(f"`{name}` must be an int or an integer tensor, got {type(value).__name__}.")
+        return None, value
+    if not is_real(value):
+        raise TypeError(f"`{name}` must be a float or a float tensor, got {type(value).__name__}.")
+    return None, value
+
+
+def check_range(name: str, tensor, scalar, low, high, *, low_open=False, high_open=False) -> None:
+    """Raise ValueError if the parameter (tensor values, or the scalar) leaves [low, high] or is NaN.
+
+    A tensor's values are read only while :func:`eager` is true (the read waits on the device).
+    """
+    desc = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    def bad_mask(x):
+        m = torch.zeros_like(x, dtype=torch.bool)
+        if low is not None:
+            m |= (x <= low) if low_open else (x < low)
+        if high is not None:
+            m |= (x >= high) if high_open else (x > high)
+        if x.dtype.is_floating_point:
+            m |= torch.isnan(x)
+        return m
+
+    if tensor is not None:
+        if eager() and tensor.numel() and bool(bad_mask(tensor).any()):
+            raise ValueError(f"every value of `{name}` must lie in {desc}.")
+        return
+    value = float(scalar)
+    if math.isnan(value):
+        raise ValueError(f"`{name}` must lie in {desc}, got {scalar}.")
+    if (low is not None and (value <= low if low_open else value < low)) or (
+        high is not None and (value >= high if high_open else value > high)
+    ):
+        raise ValueError(f"`{name}` must lie in {desc}, got {scalar}.")
