@@ -24,15 +24,53 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _identity(kernel):
-    return kernel
+def _tensor_kind(value) -> str:
+    """``"functional"``, ``"fake"`` (fake or meta) or ``"real"`` for a tensor; ``""`` otherwise."""
+    if not isinstance(value, torch.Tensor):
+        return ""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(value, FunctionalTensor):
+        return "functional"
+    return "fake" if value.device.type == "meta" or is_fake(value) else "real"
+
+
+class _InterpretedLaunch:
+    """``kernel[grid](*args)`` for the Triton interpreter, which cannot take ``wrap_triton``.
+
+    While a ``triton_op`` runs on fake tensors (its fake kernel: shape propagation in
+    ``torch.library.opcheck`` or ``torch.compile``) there is no data to compute on, so the
+    launch is skipped and the outputs the launcher allocated carry the shapes. AOTDispatcher
+    (functional tensors) would record a graph without the kernel, so that raises instead.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            kinds = {_tensor_kind(a) for a in (*args, *kwargs.values())}
+            if "functional" in kinds:
+                raise RuntimeError(
+                    "Triton kernels under TRITON_INTERPRET=1 cannot be traced into a graph (AOTDispatcher / "
+                    "torch.compile); call the op eagerly, or use backend='torch'."
+                )
+            if "fake" in kinds:
+                return None
+            return launch(*args, **kwargs)
+
+        return run
 
 
 def launch_wrapper():
     """How a ``triton_op`` launches a kernel: through ``torch.library.wrap_triton``, so
-    ``torch.compile`` can trace the launch; the interpreter needs the raw kernel."""
+    ``torch.compile`` can trace the launch; under the interpreter (which has no compiled
+    kernel to wrap) through :class:`_InterpretedLaunch`."""
     if triton_interpreting():
-        return _identity
+        return _InterpretedLaunch
     from torch.library import wrap_triton
 
     return wrap_triton
