@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ddiff.training.dflash import DFLASH
 from ddiff.training.loop import add_common_arguments, run
 from ddiff.training.token_diffusion_recipes import MDLM, UDLM
 
-RECIPES = {recipe.name: recipe for recipe in (MDLM, UDLM)}
+RECIPES = {recipe.name: recipe for recipe in (MDLM, UDLM, DFLASH)}
 
 
 def build_parser() -> argparse.ArgumentParser:
