@@ -47,6 +47,14 @@ def _order_key(x, KEY_SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _key_value(key, KEY_SHIFT: tl.constexpr):
+    """The fp32 value whose order key is ``key`` (the inverse of _order_key on its image)."""
+    bits = key << KEY_SHIFT
+    bits = tl.where(key < 0, (bits | ((1 << KEY_SHIFT) - 1)) ^ 0x7FFFFFFF, bits)
+    return bits.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _load_param(ptr, row, value, HAS_TENSOR: tl.constexpr):
     """Row ``row`` of a per-row parameter tensor, or the scalar shared by every row."""
     if HAS_TENSOR:
@@ -96,14 +104,16 @@ def _row_stats(row_ptr, V, temp, supp_ptr, NUM_SUPPRESS: tl.constexpr, KEY_SHIFT
 def _search_threshold(row_ptr, V, supp_ptr, lo, hi, target, key_floor, z_max, temp,
                       USE_MASS: tl.constexpr, NUM_SUPPRESS: tl.constexpr, KEY_SHIFT: tl.constexpr,
                       NUM_PIVOTS: tl.constexpr, BLOCK: tl.constexpr):
-    """Largest key ``t`` in ``[lo, hi)`` with ``f(t) >= target``.
+    """Largest key ``t`` in ``[lo, hi)`` with ``f(t) >= target``, and ``f(t + 1)``.
 
     ``f(t)`` counts (or, with ``USE_MASS``, sums ``exp(z - z_max)`` over) the tokens whose key
     is ``>= max(t, key_floor)``. ``f`` is non-increasing, ``f(lo) >= target`` and
-    ``f(hi) < target`` on entry, so the result is the key of an actual token.
+    ``f(hi) < target`` on entry, so the result is the key of an actual token. ``f(hi) = 0``
+    on entry.
     """
     piv_ids = tl.arange(0, NUM_PIVOTS).to(tl.int64) + 1
     cols0 = tl.arange(0, BLOCK)
+    f_hi = tl.full([], 0.0, tl.float32)
     passes = 0
     while (hi - lo > 1) & (passes < 40):
         pivots = lo + ((hi - lo) * piv_ids) // (NUM_PIVOTS + 1)
@@ -120,21 +130,29 @@ def _search_threshold(row_ptr, V, supp_ptr, lo, hi, target, key_floor, z_max, te
             above = key[None, :] >= pivots[:, None]
             acc += tl.sum(tl.where(above, w[None, :], 0.0), 1)
         ok = acc >= target
+        # f is non-increasing, so the smallest failing pivot (the new hi) has the largest sum.
+        f_hi = tl.maximum(f_hi, tl.max(tl.where(ok, 0.0, acc), 0))
         lo = tl.max(tl.where(ok, pivots, lo), 0)
         hi = tl.min(tl.where(ok, hi, pivots), 0)
         passes += 1
-    return lo
+    return lo, f_hi
 
 
 @triton.jit
 def _filter_threshold(row_ptr, V, supp_ptr, temp, z_max, key_min, key_max, top_k, top_p,
                       NUM_SUPPRESS: tl.constexpr, KEY_SHIFT: tl.constexpr, NUM_PIVOTS: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """Key threshold of top-k followed by top-p (ties kept); ``key_min`` when both are no-ops."""
+                      BLOCK: tl.constexpr, TOP_P_BD3LM: tl.constexpr):
+    """Key threshold of top-k followed by top-p (ties kept); ``key_min`` when both are no-ops.
+
+    Top-p is found as the inclusive boundary ``v_p`` (the largest key whose mass at or above
+    reaches the target). BD3LM's rule keeps the tie group at ``v_p`` only if the mass strictly
+    above it plus one token's own mass fits under the target (or it is the top group); every
+    group above ``v_p`` fits and none below does, so its threshold is ``v_p`` or ``v_p + 1``.
+    """
     key_k = key_min
     if (top_k > 0) & (top_k < V):
-        key_k = _search_threshold(row_ptr, V, supp_ptr, key_min, key_max + 1, top_k.to(tl.float32), key_min,
-                                  z_max, temp, False, NUM_SUPPRESS, KEY_SHIFT, NUM_PIVOTS, BLOCK)
+        key_k, _ = _search_threshold(row_ptr, V, supp_ptr, key_min, key_max + 1, top_k.to(tl.float32), key_min,
+                                     z_max, temp, False, NUM_SUPPRESS, KEY_SHIFT, NUM_PIVOTS, BLOCK)
     key_p = key_k
     if top_p < 1.0:
         cols0 = tl.arange(0, BLOCK)
@@ -145,8 +163,12 @@ def _filter_threshold(row_ptr, V, supp_ptr, temp, z_max, key_min, key_max, top_k
             live = inb & (_order_key(x, KEY_SHIFT) >= key_k)
             mass_k += tl.where(live, tl.exp(x / temp - z_max), 0.0)
         target = top_p * tl.sum(mass_k, 0)
-        key_p = _search_threshold(row_ptr, V, supp_ptr, key_k, key_max + 1, target, key_k,
-                                  z_max, temp, True, NUM_SUPPRESS, KEY_SHIFT, NUM_PIVOTS, BLOCK)
+        key_p, mass_above = _search_threshold(row_ptr, V, supp_ptr, key_k, key_max + 1, target, key_k,
+                                              z_max, temp, True, NUM_SUPPRESS, KEY_SHIFT, NUM_PIVOTS, BLOCK)
+        if TOP_P_BD3LM:
+            own = tl.exp(_key_value(key_p, KEY_SHIFT) / temp - z_max)
+            fits = (mass_above + own <= target) | (key_p >= key_max)
+            key_p = tl.where(fits, key_p, key_p + 1)
     return key_p
 
 
@@ -309,13 +331,14 @@ CONF_RANDOM = 3
 
 @triton.jit
 def _row_kernel(
-    logits_ptr, stride_row, V, num_tiles, mask_ptr, supp_ptr, gate_ptr, query_ptr,
+    logits_ptr, stride_row, V, num_tiles, mask_ptr, supp_ptr, csupp_ptr, gate_ptr, query_ptr,
     temp_ptr, temp_value, top_k_ptr, top_k_value, top_p_ptr, top_p_value, min_p_ptr, min_p_value,
     seed_ptr, seed_stride, seed_value, offset,
-    tokens_ptr, conf_ptr,
-    HAS_MASK: tl.constexpr, NUM_SUPPRESS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_QUERY: tl.constexpr,
-    HAS_TEMP: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
-    HAS_SEED: tl.constexpr, FILTERED: tl.constexpr, CONFIDENCE: tl.constexpr, CONF_RAW: tl.constexpr,
+    tokens_ptr, conf_ptr, argmax_ptr,
+    HAS_MASK: tl.constexpr, NUM_SUPPRESS: tl.constexpr, NUM_CONF_SUPPRESS: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_QUERY: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
+    HAS_MIN_P: tl.constexpr, HAS_SEED: tl.constexpr, FILTERED: tl.constexpr, TOP_P_BD3LM: tl.constexpr,
+    CONFIDENCE: tl.constexpr, CONF_RAW: tl.constexpr, RETURN_ARGMAX: tl.constexpr,
     KEY_SHIFT: tl.constexpr, NUM_PIVOTS: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
     NOISE_TILE: tl.constexpr, TILE_BLOCK: tl.constexpr,
 ):
@@ -323,11 +346,13 @@ def _row_kernel(
 
     The fused pass runs the tile race on the sampling distribution and gathers the softmax
     statistics the confidence needs, of the sampling distribution (``CONF_RAW`` False) or of
-    the raw logits at temperature 1 (``CONF_RAW`` True). Rows with ``mask`` False exit at once
-    with token -1 and confidence -inf; so do rows whose posterior coin (``HAS_GATE``: a uniform
-    of STREAM_POSTERIOR against the row's gate probability) says they stay. Invalid rows get
+    the raw logits at temperature 1 (``CONF_RAW`` True), in both cases without the
+    ``NUM_CONF_SUPPRESS`` ids of ``csupp_ptr``. Rows with ``mask`` False exit at once with
+    token -1 and confidence -inf; so do rows whose posterior coin (``HAS_GATE``: a uniform of
+    STREAM_POSTERIOR against the row's gate probability) says they stay. Invalid rows get
     token -1 and confidence NaN. With ``HAS_QUERY`` the ``"prob"`` confidence is that of the
-    query token instead of the drawn one.
+    query token instead of the drawn one. ``RETURN_ARGMAX`` also stores the first argmax of
+    the suppressed logits (-1 for inactive rows).
     """
     row = tl.program_id(0).to(tl.int64)
     active = True
@@ -356,10 +381,13 @@ def _row_kernel(
             ref_max = tl.where(z_max > _NEG_INF, z_max, 0.0)
             if bad == 0:
                 key_floor = _filter_threshold(row_ptr, V, supp_ptr, temp, ref_max, key_min, key_max, top_k, top_p,
-                                              NUM_SUPPRESS, KEY_SHIFT, NUM_PIVOTS, SEARCH_BLOCK)
+                                              NUM_SUPPRESS, KEY_SHIFT, NUM_PIVOTS, SEARCH_BLOCK, TOP_P_BD3LM)
         else:
             min_p = 0.0
 
+        # The confidence needs statistics of its own when it is measured on another
+        # distribution than the race (raw logits) or without some ids.
+        OWN_CONF_STATS: tl.constexpr = CONF_RAW or NUM_CONF_SUPPRESS > 0
         k0, k1 = rng_key(seed)
         c2, c3 = rng_counter_hi(offset, STREAM_TILE)
         cols0 = tl.arange(0, TILE_BLOCK)
@@ -372,6 +400,8 @@ def _row_kernel(
         r_t1 = tl.full([], 0.0, tl.float32)
         r_m2 = tl.full([], _NEG_INF, tl.float32)
         arg = tl.full([], 0, tl.int64)
+        x_max = tl.full([], _NEG_INF, tl.float32)
+        x_arg = tl.full([], 0, tl.int64)
         best_score = tl.full([], _NEG_INF, tl.float32)
         best_tile = tl.full([], 0, tl.int32)
         for tile in range(0, num_tiles):
@@ -392,8 +422,21 @@ def _row_kernel(
             best_score = tl.where(better, score, best_score)
             arg = tl.where(t_max > s_max, t_arg.to(tl.int64) + tile * NOISE_TILE, arg)
             s_max, s_sum, s_t1, s_m2 = _merge_stats(s_max, s_sum, s_t1, s_m2, t_max, t_sum, t_t1, t_m2)
-            if CONF_RAW:
-                u_max, u_sum, u_t1, u_m2, _u_arg = _tile_stats(x, inb)
+            if RETURN_ARGMAX:
+                # On x itself: x / temp may round two fp32 logits onto one value.
+                tx_max = tl.max(x, 0)
+                x_arg = tl.where(tx_max > x_max, tl.argmax(x, 0).to(tl.int64) + tile * NOISE_TILE, x_arg)
+                x_max = tl.maximum(x_max, tx_max)
+            if OWN_CONF_STATS:
+                if CONF_RAW:
+                    c_vals = x
+                    c_live = inb
+                else:
+                    c_vals = z
+                    c_live = kept
+                for i in tl.static_range(NUM_CONF_SUPPRESS):
+                    c_live = c_live & (cols != tl.load(csupp_ptr + i))
+                u_max, u_sum, u_t1, u_m2, _u_arg = _tile_stats(c_vals, c_live)
                 r_max, r_sum, r_t1, r_m2 = _merge_stats(r_max, r_sum, r_t1, r_m2, u_max, u_sum, u_t1, u_m2)
         bad = bad | (s_max == _NEG_INF).to(tl.int32)
 
@@ -404,38 +447,51 @@ def _row_kernel(
         token = tl.where(greedy, arg, raced)
         token = tl.minimum(tl.maximum(token, 0), V - 1)
 
-        if CONF_RAW:
-            c_max, c_sum, c_t1, c_m2 = r_max, r_sum, r_t1, r_m2
-            c_temp = 1.0
+        if OWN_CONF_STATS:
+            c_max, c_sum, c_t1, c_m2 = tl.where(r_max > _NEG_INF, r_max, 0.0), r_sum, r_t1, r_m2
         else:
             c_max, c_sum, c_t1, c_m2 = safe_s, s_sum, s_t1, s_m2
+        if CONF_RAW:
+            c_temp = 1.0
+        else:
             c_temp = temp
+        # An empty confidence distribution (every id it could measure suppressed) gives the
+        # least value of the kind: 0 for prob and margin, -inf for the negative entropy.
+        c_empty = c_sum == 0.0
+        c_norm = tl.where(c_empty, 1.0, c_sum)
         if CONFIDENCE == 0:
             if HAS_QUERY:
                 query = tl.minimum(tl.maximum(tl.load(query_ptr + row), 0), V - 1)  # never read out of bounds
                 z_tok = tl.load(row_ptr + query).to(tl.float32) / c_temp
             else:
                 z_tok = tl.load(row_ptr + token).to(tl.float32) / c_temp
-            conf = tl.exp(z_tok - c_max) / c_sum
+            conf = tl.exp(z_tok - c_max) / c_norm
+            for i in tl.static_range(NUM_CONF_SUPPRESS):
+                conf = tl.where(token == tl.load(csupp_ptr + i), 0.0, conf)
+            conf = tl.where(c_empty, 0.0, conf)
         elif CONFIDENCE == 1:
-            conf = (1.0 - tl.exp(c_m2 - c_max)) / c_sum
+            conf = tl.where(c_empty, 0.0, (1.0 - tl.exp(c_m2 - c_max)) / c_norm)
         elif CONFIDENCE == 2:
-            conf = c_t1 / c_sum - tl.log(c_sum)
+            conf = tl.where(c_empty, _NEG_INF, c_t1 / c_norm - tl.log(c_norm))
         else:
             c2r, c3r = rng_counter_hi(offset, STREAM_CONFIDENCE)
             conf = philox_uniform(k0, k1, c2r, c3r, row, 0)
         tl.store(tokens_ptr + row, tl.where(bad != 0, -1, token))
         tl.store(conf_ptr + row, tl.where(bad != 0, float("nan"), conf))
+        if RETURN_ARGMAX:
+            tl.store(argmax_ptr + row, tl.where(bad != 0, -1, tl.minimum(x_arg, V - 1)))
     else:
         tl.store(tokens_ptr + row, -1)
         tl.store(conf_ptr + row, _NEG_INF)
+        if RETURN_ARGMAX:
+            tl.store(argmax_ptr + row, -1)
 
 
 @triton.jit
 def _filter_logits_kernel(
     logits_ptr, stride_row, out_ptr, out_stride_row, bad_ptr, V,
     top_k_ptr, top_k_value, top_p_ptr, top_p_value, min_p_ptr, min_p_value,
-    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
+    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr, TOP_P_BD3LM: tl.constexpr,
     KEY_SHIFT: tl.constexpr, NUM_PIVOTS: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
 ):
     """filter_logits, one program per row: stats, threshold search, masked copy."""
@@ -452,7 +508,7 @@ def _filter_logits_kernel(
     key_floor = key_min
     if bad == 0:
         key_floor = _filter_threshold(row_ptr, V, row_ptr, one, safe_max, key_min, key_max, top_k, top_p,
-                                      0, KEY_SHIFT, NUM_PIVOTS, SEARCH_BLOCK)
+                                      0, KEY_SHIFT, NUM_PIVOTS, SEARCH_BLOCK, TOP_P_BD3LM)
     cols0 = tl.arange(0, SEARCH_BLOCK)
     for start in range(0, V, SEARCH_BLOCK):
         cols = start + cols0
@@ -512,44 +568,52 @@ def _seed_args(seed, seed_value, dummy):
 
 
 def predict_tokens_fwd(logits2d, mask, suppress, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
-            min_p, min_p_value, seed, seed_value, offset, *, confidence: str, conf_raw: bool, filtered: bool,
-            gate=None, query=None, wrap=_identity):
-    """Launch the row kernel: tokens (int64 [R]) and confidences (fp32 [R]).
+                       min_p, min_p_value, seed, seed_value, offset, *, confidence: str, conf_raw: bool, filtered: bool,
+                       top_p_mode: str = "inclusive", conf_suppress=None, return_argmax: bool = False,
+                       gate=None, query=None, wrap=_identity):
+    """Launch the row kernel: tokens (int64 [R]), confidences (fp32 [R]) and, with
+    ``return_argmax``, the first argmax of the suppressed logits (int64 [R]).
 
-    ``mask``: bool [R] or None; ``suppress``: int64 ids or None; ``gate``: fp32 [R] posterior
-    probabilities or None; ``query``: int64 [R] tokens whose probability to report, or None.
-    Per-row parameters are [R] tensors or None with the scalar in ``*_value``; ``seed`` an
-    int64 tensor of R or 1 values.
+    ``mask``: bool [R] or None; ``suppress`` / ``conf_suppress``: int64 ids or None;
+    ``gate``: fp32 [R] posterior probabilities or None; ``query``: int64 [R] tokens whose
+    probability to report, or None. Per-row parameters are [R] tensors or None with the scalar
+    in ``*_value``; ``seed`` an int64 tensor of R or 1 values.
     """
     rows, vocab = logits2d.shape
     device = logits2d.device
     tokens = torch.empty(rows, dtype=torch.int64, device=device)
     conf = torch.empty(rows, dtype=torch.float32, device=device)
+    argmax = torch.empty(rows if return_argmax else 0, dtype=torch.int64, device=device)
+    outputs = (tokens, conf, argmax) if return_argmax else (tokens, conf)
     if rows == 0:
-        return tokens, conf
+        return outputs
     d = _Dummies(device)
     wrap(_row_kernel)[(rows,)](
         logits2d, logits2d.stride(0), vocab, triton.cdiv(vocab, NOISE_TILE),
         mask if mask is not None else d.i, suppress if suppress is not None else d.i,
+        conf_suppress if conf_suppress is not None else d.i,
         gate if gate is not None else d.f, query if query is not None else d.i,
         temperature if temperature is not None else d.f, temperature_value,
         top_k if top_k is not None else d.i, top_k_value,
         top_p if top_p is not None else d.f, top_p_value,
         min_p if min_p is not None else d.f, min_p_value,
-        *_seed_args(seed, seed_value, d.i), offset, tokens, conf,
+        *_seed_args(seed, seed_value, d.i), offset, tokens, conf, argmax if return_argmax else d.i,
         HAS_MASK=mask is not None, NUM_SUPPRESS=0 if suppress is None else suppress.numel(),
+        NUM_CONF_SUPPRESS=0 if conf_suppress is None else conf_suppress.numel(),
         HAS_GATE=gate is not None, HAS_QUERY=query is not None,
         HAS_TEMP=temperature is not None, HAS_TOP_K=top_k is not None,
         HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None, HAS_SEED=seed is not None,
-        FILTERED=filtered, CONFIDENCE=CONFIDENCE_KINDS[confidence], CONF_RAW=conf_raw,
+        FILTERED=filtered, TOP_P_BD3LM=top_p_mode == "bd3lm", CONFIDENCE=CONFIDENCE_KINDS[confidence],
+        CONF_RAW=conf_raw, RETURN_ARGMAX=return_argmax,
         KEY_SHIFT=KEY_SHIFT[logits2d.dtype], NUM_PIVOTS=NUM_PIVOTS, SEARCH_BLOCK=_search_block(vocab),
         NOISE_TILE=NOISE_TILE, TILE_BLOCK=_tile_block(vocab), num_warps=8 if filtered else 4,
     )
-    return tokens, conf
+    return outputs
 
 
 def sample_fwd(logits2d, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
-           min_p, min_p_value, seed, seed_value, offset, *, filtered: bool, num_parts=None, wrap=_identity):
+               min_p, min_p_value, seed, seed_value, offset, *, filtered: bool, top_p_mode: str = "inclusive",
+               num_parts=None, wrap=_identity):
     """Launch the sampling kernels on a [R, V] view with unit column stride.
 
     Returns ``(tokens int64 [R], probs fp32 [R])``; invalid rows (NaN / +inf / all -inf) get
@@ -558,8 +622,8 @@ def sample_fwd(logits2d, temperature, temperature_value, top_k, top_k_value, top
     """
     if filtered:
         return predict_tokens_fwd(logits2d, None, None, temperature, temperature_value, top_k, top_k_value, top_p,
-                       top_p_value, min_p, min_p_value, seed, seed_value, offset, confidence="prob",
-                       conf_raw=False, filtered=True, wrap=wrap)
+                                  top_p_value, min_p, min_p_value, seed, seed_value, offset, confidence="prob",
+                                  conf_raw=False, filtered=True, top_p_mode=top_p_mode, wrap=wrap)
     rows, vocab = logits2d.shape
     device = logits2d.device
     tokens = torch.empty(rows, dtype=torch.int64, device=device)
@@ -593,7 +657,8 @@ def sample_fwd(logits2d, temperature, temperature_value, top_k, top_k_value, top
     return tokens, probs
 
 
-def filter_logits_fwd(logits2d, top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, *, wrap=_identity):
+def filter_logits_fwd(logits2d, top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, *,
+                      top_p_mode: str = "inclusive", wrap=_identity):
     """Launch filter_logits on a [R, V] view; returns (filtered [R, V], invalid-row flags int8 [R])."""
     rows, vocab = logits2d.shape
     device = logits2d.device
@@ -608,6 +673,7 @@ def filter_logits_fwd(logits2d, top_k, top_k_value, top_p, top_p_value, min_p, m
         top_p if top_p is not None else d.f, top_p_value,
         min_p if min_p is not None else d.f, min_p_value,
         HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
+        TOP_P_BD3LM=top_p_mode == "bd3lm",
         KEY_SHIFT=KEY_SHIFT[logits2d.dtype], NUM_PIVOTS=NUM_PIVOTS, SEARCH_BLOCK=_search_block(vocab), num_warps=8,
     )
     return out, bad

@@ -134,23 +134,139 @@ def test_predict_tokens_bad_inputs(backend):
         ddiff.predict_tokens(all_suppressed, suppress_tokens=[0, 1], backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", [1, 70, 2 * 1024 + 5])
+def test_return_argmax(backend, vocab):
+    logits = _logits(2, 3, vocab, seed=21)
+    if vocab > 3:
+        logits[0, 0, :] = 0.0
+        logits[0, 0, [1, 3]] = 9.0  # tie: the first index wins
+        logits[1, 2, 1] = 50.0  # the largest logit is suppressed: the argmax skips it
+    mask = torch.tensor([[True, True, False], [True, False, True]], device=DEVICE)
+    suppress = [1] if vocab > 3 else None
+    tokens, conf, argmax = ddiff.predict_tokens(logits, mask, temperature=0.8, top_k=5, suppress_tokens=suppress,
+                                                return_argmax=True, seed=2, backend=backend)
+    expected = ddiff.predict_tokens(logits, mask, temperature=0.8, top_k=5, suppress_tokens=suppress, seed=2,
+                                    backend=backend)
+    assert torch.equal(tokens, expected[0]) and torch.equal(conf, expected[1])
+    suppressed = logits.clone()
+    if suppress:
+        suppressed[..., 1] = float("-inf")
+    assert torch.equal(argmax[mask], suppressed.argmax(-1)[mask])
+    assert bool((argmax[~mask] == -1).all())
+    if vocab > 3:
+        assert argmax[0, 0] == 3
+    # Non-contiguous logits and the unfiltered path.
+    base = _logits(vocab, 2, 3, seed=22).permute(1, 2, 0)
+    _, _, argmax = ddiff.predict_tokens(base, temperature=1.0, return_argmax=True, seed=0, backend=backend)
+    assert torch.equal(argmax, base.argmax(-1))
+
+
+def gemma_step_reference(logits, temperature):
+    """DiffusionGemma's `_denoising_step` quantities (transformers generation_diffusion_gemma.py):
+    processed = logits / T, probs = softmax(processed) in fp32, argmax(processed), and the
+    entropy of Categorical(logits=processed)."""
+    processed = logits / temperature
+    probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+    entropy = torch.distributions.Categorical(logits=processed.float()).entropy()
+    return probs, torch.argmax(processed, dim=-1), entropy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_diffusion_gemma_step_quantities(backend):
+    logits = _logits(2, 8, 300, seed=23, scale=3.0)
+    temperature = 0.7
+    tokens, conf, argmax = ddiff.predict_tokens(logits, temperature=temperature, confidence="neg_entropy",
+                                                confidence_from="sampling", return_argmax=True, seed=4,
+                                                backend=backend)
+    _, gemma_argmax, gemma_entropy = gemma_step_reference(logits, temperature)
+    assert torch.equal(argmax, gemma_argmax)
+    assert torch.allclose(conf, -gemma_entropy, atol=2e-5)
+    flat = ddiff.sample(logits.flatten(0, 1), temperature=temperature, seed=4, backend=backend)
+    assert torch.equal(tokens.flatten(), flat)
+
+
+def test_diffusion_gemma_step_samples_the_tempered_softmax():
+    n, temperature = 6000, 0.7
+    logits_row = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -1.5, 1.1])
+    logits = logits_row.expand(1, n, -1).to(DEVICE)
+    tokens, _, _ = ddiff.predict_tokens(logits, temperature=temperature, confidence="neg_entropy",
+                                        confidence_from="sampling", return_argmax=True, seed=9, backend="torch")
+    probs, _, _ = gemma_step_reference(logits_row[None], temperature)
+    assert _chi_square(tokens.flatten(), probs[0]) > 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("confidence_from", ["raw", "sampling"])
+def test_confidence_suppress_tokens(backend, kind, confidence_from):
+    vocab = 40
+    logits = _logits(2, 5, vocab, seed=24)
+    logits[:, :3, 7] = 7.0  # drawn at most of these positions
+    ids = [7, 30]
+    kwargs = dict(temperature=0.9, top_k=12, confidence=kind, confidence_from=confidence_from, seed=5)
+    tokens, conf = ddiff.predict_tokens(logits, confidence_suppress_tokens=ids, backend=backend, **kwargs)
+    plain_tokens, plain_conf = ddiff.predict_tokens(logits, backend=backend, **kwargs)
+    assert torch.equal(tokens, plain_tokens)  # the draw never sees them
+    assert bool((tokens == 7).any())
+    if kind == "random":
+        assert torch.equal(conf, plain_conf)
+        return
+    # The confidence distribution is the one without the ids (after the filters), renormalised.
+    if confidence_from == "raw":
+        dist = logits.double()
+    else:
+        dist = ddiff.filter_logits(logits / 0.9, top_k=12, backend="torch").double()
+    dist[..., ids] = float("-inf")
+    expected = independent_confidence(dist, tokens.clamp(min=0), kind)
+    if kind == "prob":
+        assert bool((conf[tokens == 7] == 0).all())
+    assert torch.allclose(conf.double(), expected, atol=2e-6)
+    ref = ddiff.predict_tokens(logits, confidence_suppress_tokens=ids, backend="torch", **kwargs)
+    assert torch.allclose(ref[1], conf, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_confidence_suppress_tokens_empty_distribution_and_bad_ids(backend):
+    logits = torch.tensor([[[0.0, 5.0, 1.0]]], device=DEVICE)
+    # top_k=1 keeps only id 1, which the confidence then loses: the least value of each kind.
+    for kind, least in [("prob", 0.0), ("margin", 0.0), ("neg_entropy", float("-inf"))]:
+        tokens, conf = ddiff.predict_tokens(logits, temperature=0.0, top_k=1, confidence=kind,
+                                            confidence_from="sampling", confidence_suppress_tokens=[1],
+                                            backend=backend)
+        assert tokens.item() == 1 and conf.item() == least, kind
+    with pytest.raises(ValueError, match="confidence_suppress_tokens"):
+        ddiff.predict_tokens(logits, confidence_suppress_tokens=[3], backend=backend)
+    with pytest.raises(TypeError, match="confidence_suppress_tokens"):
+        ddiff.predict_tokens(logits, confidence_suppress_tokens=[1.0], backend=backend)
+    with pytest.raises(TypeError, match="return_argmax"):
+        ddiff.predict_tokens(logits, return_argmax=1, backend=backend)
+
+
 # ---------------------------------------------------------------------------------------------
 # One LLaDA low_confidence step, against a straight re-implementation of LLaDA's loop
 # ---------------------------------------------------------------------------------------------
 
 
-def llada_step(x, logits, mask_id, num_transfer, temperature, noise_u=None, remasking="low_confidence"):
+def llada_step(x, logits, mask_id, num_transfer, temperature, noise_u=None, remasking="low_confidence",
+               confidence_eos_eot_inf=None):
     """One inner iteration of LLaDA's `generate` (GSAI-ML/LLaDA generate.py), written from its
     published algorithm: Gumbel noise in float64, argmax, softmax confidence of the argmax
     token, -inf outside the masked positions, a per-row topk, commit.
+    ``confidence_eos_eot_inf=(eos, eot)`` runs upstream's chained assignment
+    ``logits_with_noise[:, :, eos] = logits[:, :, eot] = -inf`` after the argmax (at
+    temperature 0 ``logits_with_noise`` *is* ``logits``).
     """
-    logits = logits.double()
+    logits = logits.double().clone()
     if temperature == 0:
         noisy = logits
     else:
         # LLaDA: logits.exp() / (-log(u)) ** temperature, i.e. logits/T - log(-log u) after a log.
         noisy = logits.exp() / (-torch.log(noise_u)) ** temperature
     x0 = noisy.argmax(-1)
+    if confidence_eos_eot_inf is not None:
+        eos, eot = confidence_eos_eot_inf
+        noisy[:, :, eos] = logits[:, :, eot] = -torch.inf
     p = torch.softmax(logits, -1)
     x0_p = p.gather(-1, x0[..., None]).squeeze(-1)
     mask_index = x == mask_id
@@ -163,10 +279,11 @@ def llada_step(x, logits, mask_id, num_transfer, temperature, noise_u=None, rema
     return torch.where(transfer, x0, x)
 
 
-def ddiff_llada_step(x, logits, mask_id, num_transfer, temperature, seed, backend):
+def ddiff_llada_step(x, logits, mask_id, num_transfer, temperature, seed, backend, confidence_suppress_tokens=None):
     mask = x == mask_id
     tokens, conf = ddiff.predict_tokens(logits, mask, temperature, confidence="prob", confidence_from="raw",
-                                        seed=seed, backend=backend)
+                                        confidence_suppress_tokens=confidence_suppress_tokens, seed=seed,
+                                        backend=backend)
     commit = ddiff.select_transfer(conf, mask, num_transfer=num_transfer, backend=backend)
     return torch.where(commit, tokens, x)
 
@@ -189,6 +306,31 @@ def test_llada_low_confidence_step(backend, temperature):
     theirs = llada_step(x, logits, mask_id, schedule[:, 0], temperature, noise_u=1.0 - u.double())
     assert torch.equal(ours, theirs)
     assert int((ours != x).sum()) == int(schedule[:, 0].sum())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_llada_confidence_eos_eot_inf_step(backend, temperature):
+    vocab, mask_id, eos, eot, batch, length = 60, 59, 57, 58, 2, 12
+    logits = _logits(batch, length, vocab, seed=13, scale=1.0)
+    logits[..., mask_id] = -5.0
+    logits[:, 4:6, eos] = 4.0  # EOS / EOT are the argmax here, with the most confidence
+    logits[:, 6:8, eot] = 4.0
+    x = torch.randint(0, vocab - 3, (batch, length), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    x[:, 2:] = mask_id
+    # Fewer commits than positions of nonzero confidence: no tie at 0 decides the selection.
+    num_transfer = torch.tensor([4, 3], device=DEVICE)
+    rows = torch.arange(batch * length, device=DEVICE).view(batch, length, 1)
+    cols = torch.arange(vocab, device=DEVICE).view(1, 1, vocab)
+    u = ref_rng.philox_uniform(torch.tensor(78, device=DEVICE), 0, rows, cols, ref_rng.STREAM_TOKEN)
+    theirs = llada_step(x, logits, mask_id, num_transfer, temperature, noise_u=1.0 - u.double(),
+                        confidence_eos_eot_inf=(eos, eot))
+    # Upstream's EOS write lands in the noisy copy, which only aliases the logits at T = 0.
+    ids = [eos, eot] if temperature == 0 else [eot]
+    ours = ddiff_llada_step(x, logits, mask_id, num_transfer, temperature, 78, backend, confidence_suppress_tokens=ids)
+    assert torch.equal(ours, theirs)
+    plain = llada_step(x, logits, mask_id, num_transfer, temperature, noise_u=1.0 - u.double())
+    assert not torch.equal(plain, theirs)  # the option changes which positions are committed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +397,34 @@ def test_posterior_steps_triton_equals_reference(dtype):
     a = ddiff.udlm_step(logits, x_t, alpha_t, alpha_s, seed=5, backend="torch")
     b = ddiff.udlm_step(logits, x_t, alpha_t, alpha_s, seed=5, backend="triton")
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mdlm_step_filters_triton_equals_reference(dtype):
+    vocab, mask_id = 300, 299
+    logits = _logits(2, 6, vocab, dtype=dtype, seed=14)
+    x_t = torch.full((2, 6), mask_id, device=DEVICE)
+    x_t[:, 0] = 3
+    for kwargs in [dict(top_k=5), dict(top_k=torch.tensor([3, 0, 9, 1, 300, 7] * 2, device=DEVICE), min_p=0.1),
+                   dict(top_p=0.7, top_p_mode="bd3lm", temperature=0.9)]:
+        a = ddiff.mdlm_step(logits, x_t, mask_id, 0.2, 0.9, seed=6, backend="torch", **kwargs)
+        b = ddiff.mdlm_step(logits, x_t, mask_id, 0.2, 0.9, seed=6, backend="triton", **kwargs)
+        assert torch.equal(a, b), kwargs
+
+
+def test_mdlm_step_top_k_matches_exact_posterior():
+    # Dream alg="origin": reveal with probability 1 - s/t, the token from the top-k softmax.
+    n, vocab, mask_id = 6000, 7, 6
+    logits_row = torch.tensor([0.5, -1.0, 1.2, 0.0, 0.3, 0.9, 2.0])
+    logits = logits_row.expand(1, n, vocab).contiguous().to(DEVICE)
+    x_t = torch.full((1, n), mask_id, device=DEVICE)
+    alpha_t, alpha_s = 0.3, 0.55
+    x_s = ddiff.mdlm_step(logits, x_t, mask_id, alpha_t, alpha_s, top_k=3, seed=4, backend="torch")
+    kept = torch.tensor([True, False, True, False, False, True, False])  # top 3 of the ids without the mask
+    p_x0 = torch.softmax(logits_row.masked_fill(~kept, float("-inf")), -1)
+    q = p_x0 * (alpha_s - alpha_t)
+    q[mask_id] = 1 - alpha_s
+    assert _chi_square(x_s.flatten(), q / (1 - alpha_t)) > 1e-4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

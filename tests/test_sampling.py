@@ -57,6 +57,24 @@ def test_chi_square_against_filtered_softmax(backend, kwargs):
     assert chi_square_pvalue(tokens, probs) > 1e-4
 
 
+@pytest.mark.parametrize("backend,n", [("torch", 6000), ("triton", 150)])
+def test_bd3lm_nucleus_sampling_follows_bd3lm(backend, n):
+    # BD3LM: p_x0 -> sort, keep cumsum <= p (and the top one), renormalise, sample; here on the
+    # tempered distribution (BD3LM itself has no temperature: T = 1 is its exact rule).
+    logits_row = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -1.5, 1.1, 0.7, -3.0])
+    for temperature in (1.0, 0.8):
+        probs = torch.softmax(logits_row.double() / temperature, -1)
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) <= 0.8
+        keep[0] = True
+        expected = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+        tokens = ddiff.sample(logits_row.expand(n, -1).to(DEVICE), temperature=temperature, top_p=0.8,
+                              top_p_mode="bd3lm", seed=7, backend=backend)
+        assert chi_square_pvalue(tokens, expected) > 1e-4
+    with pytest.raises(ValueError, match="top_p_mode"):
+        ddiff.sample(logits_row[None].to(DEVICE), top_p=0.5, top_p_mode=None, backend=backend)
+
+
 def test_chi_square_spans_several_noise_tiles():
     # V > NOISE_TILE: the tile race must weigh tiles by their mass.
     vocab = 2 * ref_rng.NOISE_TILE + 37
@@ -100,12 +118,15 @@ def test_same_seed_same_tokens_across_backends(dtype, vocab, filtered):
     gen = torch.Generator().manual_seed(vocab)
     logits = (torch.randn(2, 4, vocab, generator=gen) * 2).to(dtype).to(DEVICE)
     kwargs = dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.02) if filtered else dict(temperature=0.8)
-    ref_tokens, ref_probs = ddiff.sample(logits, seed=11, offset=4, return_probs=True, backend="torch", **kwargs)
-    tri_tokens, tri_probs = ddiff.sample(logits, seed=11, offset=4, return_probs=True, backend="triton", **kwargs)
-    # Only float near-ties may differ: at most one of the 8 rows here, and none on average.
-    assert (ref_tokens != tri_tokens).sum() <= 1
-    same = ref_tokens == tri_tokens
-    assert torch.allclose(ref_probs[same], tri_probs[same], rtol=1e-5, atol=1e-7)
+    for top_p_mode in ("inclusive", "bd3lm") if filtered else ("inclusive",):
+        ref_tokens, ref_probs = ddiff.sample(logits, seed=11, offset=4, return_probs=True, backend="torch",
+                                             top_p_mode=top_p_mode, **kwargs)
+        tri_tokens, tri_probs = ddiff.sample(logits, seed=11, offset=4, return_probs=True, backend="triton",
+                                             top_p_mode=top_p_mode, **kwargs)
+        # Only float near-ties may differ: at most one of the 8 rows here, and none on average.
+        assert (ref_tokens != tri_tokens).sum() <= 1
+        same = ref_tokens == tri_tokens
+        assert torch.allclose(ref_probs[same], tri_probs[same], rtol=1e-5, atol=1e-7)
 
 
 def test_backends_agree_on_many_rows():

@@ -14,7 +14,7 @@ from ddiff.ops.sampling import (
     _filter_params,
     _filters_active,
     _raise_invalid_rows,
-    fake_tokens_and_values,
+    check_top_p_mode,
     flag_invalid_rows,
 )
 from ddiff.reference.decoding import (
@@ -52,17 +52,28 @@ def _predict_torch(
     temperature: Optional[Tensor], temperature_value: float, top_k: Optional[Tensor], top_k_value: int,
     top_p: Optional[Tensor], top_p_value: float, min_p: Optional[Tensor], min_p_value: float,
     seed: Optional[Tensor], seed_value: int, offset: int, confidence: str, confidence_from: str,
-) -> tuple[Tensor, Tensor]:
+    top_p_mode: str, confidence_suppress: Optional[Tensor], return_argmax: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     temp, k, p, m, seeds = _rows_params(logits, temperature, temperature_value, top_k, top_k_value, top_p,
                                         top_p_value, min_p, min_p_value, seed, seed_value, offset)
     bad = masked_invalid_rows(logits, mask, temp, suppress)
     _raise_invalid_rows(bad)
-    tokens, conf = predict_tokens_reference(logits, mask, temp, k, p, m, seeds, offset, confidence=confidence,
-                                            confidence_from=confidence_from, suppress_ids=suppress)
-    return flag_invalid_rows(bad, tokens, conf)
+    out = predict_tokens_reference(logits, mask, temp, k, p, m, seeds, offset, confidence=confidence,
+                                   confidence_from=confidence_from, suppress_ids=suppress, top_p_mode=top_p_mode,
+                                   confidence_suppress_ids=confidence_suppress, return_argmax=return_argmax)
+    tokens, conf = flag_invalid_rows(bad, out[0], out[1])
+    argmax = torch.where(bad, -1, out[2]) if return_argmax else tokens.new_empty(0)
+    return tokens, conf, argmax
 
 
-_predict_torch.register_fake(fake_tokens_and_values)
+def _fake_predict(logits, *args):
+    """Fake outputs of predict_tokens: tokens, confidences and the argmax (empty unless asked for)."""
+    rows, return_argmax = logits.shape[0], args[-1]
+    return (logits.new_empty(rows, dtype=torch.int64), logits.new_empty(rows, dtype=torch.float32),
+            logits.new_empty(rows if return_argmax else 0, dtype=torch.int64))
+
+
+_predict_torch.register_fake(_fake_predict)
 
 
 @triton_op("ddiff::predict_tokens_triton", mutates_args=())
@@ -70,19 +81,24 @@ def _predict_triton(
     logits: Tensor, mask: Optional[Tensor], suppress: Optional[Tensor],
     temperature: Optional[Tensor], temperature_value: float, top_k: Optional[Tensor], top_k_value: int,
     top_p: Optional[Tensor], top_p_value: float, min_p: Optional[Tensor], min_p_value: float,
-    seed: Optional[Tensor], seed_value: int, offset: int, confidence: str, confidence_from: str, filtered: bool,
-) -> tuple[Tensor, Tensor]:
+    seed: Optional[Tensor], seed_value: int, offset: int, confidence: str, confidence_from: str,
+    top_p_mode: str, confidence_suppress: Optional[Tensor], return_argmax: bool, filtered: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     from ddiff.kernels import sampling as kernels
 
-    return kernels.predict_tokens_fwd(logits, mask, suppress, temperature, temperature_value, top_k, top_k_value, top_p,
-                           top_p_value, min_p, min_p_value, seed, seed_value, offset, confidence=confidence,
-                           conf_raw=confidence_from == "raw", filtered=filtered, wrap=launch_wrapper())
+    out = kernels.predict_tokens_fwd(logits, mask, suppress, temperature, temperature_value, top_k, top_k_value, top_p,
+                                     top_p_value, min_p, min_p_value, seed, seed_value, offset, confidence=confidence,
+                                     conf_raw=confidence_from == "raw", filtered=filtered, top_p_mode=top_p_mode,
+                                     conf_suppress=confidence_suppress, return_argmax=return_argmax,
+                                     wrap=launch_wrapper())
+    return out if return_argmax else (out[0], out[1], out[0].new_empty(0))
 
 
 @custom_op("ddiff::mdlm_step_torch", mutates_args=())
 def _mdlm_torch(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t: Tensor, alpha_s: Tensor,
-                temperature: Optional[Tensor], temperature_value: float, top_p: Optional[Tensor], top_p_value: float,
-                seed: Optional[Tensor], seed_value: int, offset: int) -> Tensor:
+                temperature: Optional[Tensor], temperature_value: float, top_k: Optional[Tensor], top_k_value: int,
+                top_p: Optional[Tensor], top_p_value: float, min_p: Optional[Tensor], min_p_value: float,
+                top_p_mode: str, seed: Optional[Tensor], seed_value: int, offset: int) -> Tensor:
     rows, device = logits.shape[0], logits.device
     temp = rows_of(temperature, temperature_value, rows, torch.float32, device)
     masked = x_t == mask_token_id
@@ -90,7 +106,9 @@ def _mdlm_torch(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t: Tensor
     _raise_invalid_rows(bad)
     x_s = mdlm_step_reference(logits, x_t, mask_token_id, alpha_t, alpha_s, temp,
                                rows_of(top_p, top_p_value, rows, torch.float32, device),
-                               seed_rows(RngArgs(seed, seed_value, offset), rows, device), offset)
+                               seed_rows(RngArgs(seed, seed_value, offset), rows, device), offset,
+                               top_k=rows_of(top_k, top_k_value, rows, torch.int64, device),
+                               min_p=rows_of(min_p, min_p_value, rows, torch.float32, device), top_p_mode=top_p_mode)
     return torch.where(bad, x_t, x_s)  # as the kernel does: an invalid row is never revealed
 
 
@@ -101,16 +119,17 @@ def _(logits, x_t, *args):
 
 @triton_op("ddiff::mdlm_step_triton", mutates_args=())
 def _mdlm_triton(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t: Tensor, alpha_s: Tensor,
-                 temperature: Optional[Tensor], temperature_value: float, top_p: Optional[Tensor],
-                 top_p_value: float, seed: Optional[Tensor], seed_value: int, offset: int) -> tuple[Tensor, Tensor]:
+                 temperature: Optional[Tensor], temperature_value: float, top_k: Optional[Tensor], top_k_value: int,
+                 top_p: Optional[Tensor], top_p_value: float, min_p: Optional[Tensor], min_p_value: float,
+                 top_p_mode: str, seed: Optional[Tensor], seed_value: int, offset: int) -> tuple[Tensor, Tensor]:
     from ddiff.kernels import sampling as kernels
 
-    filtered = top_p is not None or top_p_value < 1.0
+    filtered = _filters_active((top_k, top_k_value), (top_p, top_p_value), (min_p, min_p_value), logits.shape[1])
     suppress = torch.full((1,), mask_token_id, dtype=torch.int64, device=logits.device)
     tokens, conf = kernels.predict_tokens_fwd(
-        logits, x_t == mask_token_id, suppress, temperature, temperature_value, None, 0, top_p, top_p_value,
-        None, 0.0, seed, seed_value, offset, confidence="prob", conf_raw=False, filtered=filtered,
-        gate=unmask_probability(alpha_t, alpha_s).contiguous(), wrap=launch_wrapper(),
+        logits, x_t == mask_token_id, suppress, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
+        min_p, min_p_value, seed, seed_value, offset, confidence="prob", conf_raw=False, filtered=filtered,
+        top_p_mode=top_p_mode, gate=unmask_probability(alpha_t, alpha_s).contiguous(), wrap=launch_wrapper(),
     )
     return torch.where(tokens >= 0, tokens, x_t), conf
 
@@ -169,12 +188,12 @@ def _check_token_id(name: str, value, vocab: int) -> int:
     return value
 
 
-def _check_suppress(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
+def _check_suppress(suppress_tokens, vocab: int, device, name: str = "suppress_tokens") -> Optional[Tensor]:
     if suppress_tokens is None:
         return None
     if isinstance(suppress_tokens, torch.Tensor):
         if suppress_tokens.dtype.is_floating_point or suppress_tokens.dtype == torch.bool:
-            raise TypeError(f"`suppress_tokens` must hold integer ids, got {suppress_tokens.dtype}.")
+            raise TypeError(f"`{name}` must hold integer ids, got {suppress_tokens.dtype}.")
         ids = suppress_tokens.reshape(-1).to(device=device, dtype=torch.int64)
         out_of_range = eager() and ids.numel() and bool(((ids < 0) | (ids >= vocab)).any())
     else:
@@ -182,15 +201,15 @@ def _check_suppress(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
         try:
             values = list(values)
         except TypeError:
-            raise TypeError("`suppress_tokens` must be an int, a sequence of ints or an integer tensor.") from None
+            raise TypeError(f"`{name}` must be an int, a sequence of ints or an integer tensor.") from None
         if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in values):
-            raise TypeError("`suppress_tokens` must hold ints.")
+            raise TypeError(f"`{name}` must hold ints.")
         out_of_range = any(not 0 <= i < vocab for i in values)  # checked on the host values: no sync
         ids = torch.tensor(values, dtype=torch.int64, device=device)
     if ids.numel() > 64:
-        raise ValueError(f"`suppress_tokens` holds {ids.numel()} ids; at most 64 are supported.")
+        raise ValueError(f"`{name}` holds {ids.numel()} ids; at most 64 are supported.")
     if out_of_range:
-        raise ValueError(f"every id in `suppress_tokens` must lie in [0, {vocab}).")
+        raise ValueError(f"every id in `{name}` must lie in [0, {vocab}).")
     return ids if ids.numel() else None
 
 
@@ -250,7 +269,8 @@ def _posterior_inputs(logits, x_t, alpha_t, alpha_s):
 
 
 def predict_tokens(logits: Tensor, mask: Optional[Tensor] = None, temperature=0.0, top_k=None, top_p=None,
-                   min_p=None, *, confidence: str = "prob", confidence_from: str = "raw", suppress_tokens=None,
+                   min_p=None, *, top_p_mode: str = "inclusive", confidence: str = "prob", confidence_from: str = "raw",
+                   suppress_tokens=None, confidence_suppress_tokens=None, return_argmax: bool = False,
                    seed=None, offset: int = 0, generator: Optional[torch.Generator] = None, backend: str = "auto"):
     """Predict a token for each masked position and score how confident the prediction is.
 
@@ -268,6 +288,8 @@ def predict_tokens(logits: Tensor, mask: Optional[Tensor] = None, temperature=0.
             the token is -1 and the confidence ``-inf``.
         temperature, top_k, top_p, min_p: as in :func:`ddiff.sample`, scalar or per row
             (``[B * L]``).
+        top_p_mode: ``"inclusive"`` (transformers) or ``"bd3lm"`` (BD3LM's nucleus, which drops
+            the token that crosses ``top_p``); see :func:`ddiff.filter_logits`.
         confidence: ``"prob"`` (probability of the chosen token: LLaDA low_confidence, Dream
             maskgit_plus, Fast-dLLM), ``"margin"`` (top-1 minus top-2 probability: Dream
             topk_margin), ``"neg_entropy"`` (sum of p log p: Dream entropy) or ``"random"`` (a
@@ -279,10 +301,25 @@ def predict_tokens(logits: Tensor, mask: Optional[Tensor] = None, temperature=0.
             BlockRefinement); at temperature 0 that is the filtered softmax at temperature 1.
         suppress_tokens: ids set to ``-inf`` before anything else (the mask token, EOS:
             LLaDA's ``logits_eos_inf``): an int, a sequence or an int tensor (at most 64).
+        confidence_suppress_tokens: ids set to ``-inf`` only in the distribution the
+            confidence is measured under (after the filters; the kept set is not recomputed),
+            never in the one the token is drawn from; same id rules as ``suppress_tokens``.
+            A drawn token among them gets ``"prob"`` confidence 0, and ``"margin"`` /
+            ``"neg_entropy"`` are those of the distribution renormalised without them; a row
+            left with no mass gets 0 (``prob``, ``margin``) or ``-inf`` (``neg_entropy``);
+            ``"random"`` ignores them. This is LLaDA ``generate``'s ``confidence_eos_eot_inf``:
+            upstream writes ``logits_with_noise[..., 126081] = logits[..., 126348] = -inf`` after
+            the argmax, so the confidence softmax loses EOT (126348) always and EOS (126081)
+            only at temperature 0, where ``logits_with_noise`` is ``logits`` itself. Pass
+            ``[126348]`` (T > 0) or ``[126081, 126348]`` (T = 0) to reproduce it.
+        return_argmax: also return the first argmax of the logits after ``suppress_tokens``
+            (what DiffusionGemma's step takes as ``argmax(processed_logits)``), from the same
+            pass; -1 where ``mask`` is False.
         seed, offset, generator, backend: as in :func:`ddiff.sample`.
 
     Returns:
-        ``(tokens, confidence)``: int64 and fp32, both shaped like ``logits.shape[:-1]``.
+        ``(tokens, confidence)``: int64 and fp32, both shaped like ``logits.shape[:-1]``;
+        ``(tokens, confidence, argmax)`` with ``return_argmax``.
 
     Example:
         >>> tokens, conf = ddiff.predict_tokens(logits, mask=x == MASK_ID, suppress_tokens=[MASK_ID])
@@ -300,28 +337,36 @@ def predict_tokens(logits: Tensor, mask: Optional[Tensor] = None, temperature=0.
     temp = row_param("temperature", temperature, rows, device, integer=False, default=0.0)
     check_range("temperature", temp[0], temp[1], 0.0, None)
     k, p, m = _filter_params(top_k, top_p, min_p, rows, device)
+    top_p_mode = check_top_p_mode(top_p_mode)
     suppress = _check_suppress(suppress_tokens, vocab, device)
+    conf_suppress = _check_suppress(confidence_suppress_tokens, vocab, device, name="confidence_suppress_tokens")
+    if not isinstance(return_argmax, bool):
+        raise TypeError(f"`return_argmax` must be a bool, got {type(return_argmax).__name__}.")
     rng = rng_args(seed, offset, generator, rows, device)
     impl = resolve_backend(backend, logits)
 
     args = (logits2d, mask_rows, suppress, temp[0], temp[1], k[0], k[1], p[0], p[1], m[0], m[1],
-            rng.seed, rng.seed_value, rng.offset, confidence, confidence_from)
+            rng.seed, rng.seed_value, rng.offset, confidence, confidence_from, top_p_mode, conf_suppress, return_argmax)
     if impl == "torch":
-        tokens, conf = torch.ops.ddiff.predict_tokens_torch(*args)
+        tokens, conf, argmax = torch.ops.ddiff.predict_tokens_torch(*args)
     else:
-        tokens, conf = torch.ops.ddiff.predict_tokens_triton(*args, _filters_active(k, p, m, vocab))
+        tokens, conf, argmax = torch.ops.ddiff.predict_tokens_triton(*args, _filters_active(k, p, m, vocab))
         _raise_invalid_rows(torch.isnan(conf))
-    return tokens.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
+    shape = logits.shape[:-1]
+    if return_argmax:
+        return tokens.view(shape), conf.view(shape), argmax.view(shape)
+    return tokens.view(shape), conf.view(shape)
 
 
-def mdlm_step(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t, alpha_s, *, temperature=1.0, top_p=None,
-              seed=None, offset: int = 0, generator: Optional[torch.Generator] = None, backend: str = "auto") -> Tensor:
+def mdlm_step(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t, alpha_s, *, temperature=1.0, top_k=None,
+              top_p=None, min_p=None, top_p_mode: str = "inclusive", seed=None, offset: int = 0,
+              generator: Optional[torch.Generator] = None, backend: str = "auto") -> Tensor:
     """One reverse step of the absorbing (masked) diffusion posterior (MDLM / BD3LM, SUBS).
 
     Each masked position (``x_t == mask_token_id``) is revealed with probability
     ``(α_s − α_t) / (1 − α_t)`` (1 when ``α_t = 1``), to a token drawn from
-    ``softmax(logits / temperature)`` with the mask logit at ``-inf`` (and top-p, for BD3LM's
-    nucleus sampling); otherwise it stays masked. Unmasked positions are copied. This is the
+    ``softmax(filter(logits / temperature))`` with the mask logit at ``-inf``; otherwise it
+    stays masked. Unmasked positions are copied. This is the
     categorical posterior of MDLM's ``_ddpm_update``, sampled without building ``q_xs``: the
     coin comes first (noise stream ``STREAM_POSTERIOR``), and positions that stay masked never
     read their logits.
@@ -334,7 +379,10 @@ def mdlm_step(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t, alpha_s,
             ``0 <= α_t <= α_s <= 1``: floats, ``[B]`` tensors or tensors shaped like ``x_t``.
             See :func:`ddiff.alpha_schedule`.
         temperature: float > 0 or per-row tensor (0 reveals the argmax).
-        top_p: nucleus filter of the revealed token's distribution.
+        top_k, top_p, min_p: filters of the revealed token's distribution, as in
+            :func:`ddiff.sample` (top-k: Dream ``alg="origin"``; top-p: BD3LM's nucleus
+            sampling, with ``top_p_mode="bd3lm"`` for BD3LM's exact rule).
+        top_p_mode: ``"inclusive"`` (transformers) or ``"bd3lm"``; see :func:`ddiff.filter_logits`.
         seed, offset, generator, backend: as in :func:`ddiff.sample`.
 
     Returns:
@@ -346,13 +394,13 @@ def mdlm_step(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t, alpha_s,
     mask_token_id = _check_token_id("mask_token_id", mask_token_id, vocab)
     temp = row_param("temperature", temperature, rows, device, integer=False, default=1.0)
     check_range("temperature", temp[0], temp[1], 0.0, None)
-    p = row_param("top_p", top_p, rows, device, integer=False, default=1.0)
-    check_range("top_p", p[0], p[1], 0.0, 1.0, low_open=True)
+    k, p, m = _filter_params(top_k, top_p, min_p, rows, device)
+    top_p_mode = check_top_p_mode(top_p_mode)
     rng = rng_args(seed, offset, generator, rows, device)
     impl = resolve_backend(backend, logits)
 
-    args = (logits2d, x_rows, mask_token_id, a_t, a_s, temp[0], temp[1], p[0], p[1], rng.seed, rng.seed_value,
-            rng.offset)
+    args = (logits2d, x_rows, mask_token_id, a_t, a_s, temp[0], temp[1], k[0], k[1], p[0], p[1], m[0], m[1],
+            top_p_mode, rng.seed, rng.seed_value, rng.offset)
     if impl == "torch":
         x_s = torch.ops.ddiff.mdlm_step_torch(*args)
     else:

@@ -9,7 +9,7 @@ from torch.library import custom_op, triton_op
 
 from ddiff._backend import launch_wrapper, resolve_backend
 from ddiff._params import RngArgs, check_logits, check_range, eager, rng_args, row_param, rows_of, seed_rows
-from ddiff.reference.sampling import filter_logits_reference, invalid_rows, sample_reference
+from ddiff.reference.sampling import TOP_P_MODES, filter_logits_reference, invalid_rows, sample_reference
 
 Tensor = torch.Tensor
 
@@ -38,6 +38,7 @@ def _sample_torch(
     logits: Tensor, temperature: Optional[Tensor], temperature_value: float,
     top_k: Optional[Tensor], top_k_value: int, top_p: Optional[Tensor], top_p_value: float,
     min_p: Optional[Tensor], min_p_value: float, seed: Optional[Tensor], seed_value: int, offset: int,
+    top_p_mode: str,
 ) -> tuple[Tensor, Tensor]:
     rows, device = logits.shape[0], logits.device
     temp = rows_of(temperature, temperature_value, rows, torch.float32, device)
@@ -47,7 +48,7 @@ def _sample_torch(
     tokens, probs = sample_reference(
         logits, temp, rows_of(top_k, top_k_value, rows, torch.int64, device),
         rows_of(top_p, top_p_value, rows, torch.float32, device),
-        rows_of(min_p, min_p_value, rows, torch.float32, device), seeds, offset,
+        rows_of(min_p, min_p_value, rows, torch.float32, device), seeds, offset, top_p_mode=top_p_mode,
     )
     return flag_invalid_rows(bad, tokens, probs)
 
@@ -66,23 +67,24 @@ def _sample_triton(
     logits: Tensor, temperature: Optional[Tensor], temperature_value: float,
     top_k: Optional[Tensor], top_k_value: int, top_p: Optional[Tensor], top_p_value: float,
     min_p: Optional[Tensor], min_p_value: float, seed: Optional[Tensor], seed_value: int, offset: int,
-    filtered: bool,
+    top_p_mode: str, filtered: bool,
 ) -> tuple[Tensor, Tensor]:
     from ddiff.kernels import sampling as kernels
 
     return kernels.sample_fwd(logits, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
-                          min_p, min_p_value, seed, seed_value, offset, filtered=filtered, wrap=launch_wrapper())
+                              min_p, min_p_value, seed, seed_value, offset, filtered=filtered, top_p_mode=top_p_mode,
+                              wrap=launch_wrapper())
 
 
 @custom_op("ddiff::filter_logits_torch", mutates_args=())
 def _filter_torch(logits: Tensor, top_k: Optional[Tensor], top_k_value: int, top_p: Optional[Tensor],
-                  top_p_value: float, min_p: Optional[Tensor], min_p_value: float) -> Tensor:
+                  top_p_value: float, min_p: Optional[Tensor], min_p_value: float, top_p_mode: str) -> Tensor:
     rows, device = logits.shape[0], logits.device
     _raise_invalid_rows(invalid_rows(logits, torch.ones(rows, device=device)))
     return filter_logits_reference(
         logits, rows_of(top_k, top_k_value, rows, torch.int64, device),
         rows_of(top_p, top_p_value, rows, torch.float32, device),
-        rows_of(min_p, min_p_value, rows, torch.float32, device),
+        rows_of(min_p, min_p_value, rows, torch.float32, device), top_p_mode,
     )
 
 
@@ -93,10 +95,12 @@ def _(logits, *args):
 
 @triton_op("ddiff::filter_logits_triton", mutates_args=())
 def _filter_triton(logits: Tensor, top_k: Optional[Tensor], top_k_value: int, top_p: Optional[Tensor],
-                   top_p_value: float, min_p: Optional[Tensor], min_p_value: float) -> tuple[Tensor, Tensor]:
+                   top_p_value: float, min_p: Optional[Tensor], min_p_value: float,
+                   top_p_mode: str) -> tuple[Tensor, Tensor]:
     from ddiff.kernels import sampling as kernels
 
-    return kernels.filter_logits_fwd(logits, top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, wrap=launch_wrapper())
+    return kernels.filter_logits_fwd(logits, top_k, top_k_value, top_p, top_p_value, min_p, min_p_value,
+                                     top_p_mode=top_p_mode, wrap=launch_wrapper())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,13 +119,20 @@ def _filter_params(top_k, top_p, min_p, rows: int, device):
     return k, p, m
 
 
+def check_top_p_mode(top_p_mode) -> str:
+    if not isinstance(top_p_mode, str) or top_p_mode not in TOP_P_MODES:
+        raise ValueError(f"`top_p_mode` must be one of {TOP_P_MODES}, got {top_p_mode!r}.")
+    return top_p_mode
+
+
 def _filters_active(k, p, m, vocab: int) -> bool:
     if k[0] is not None or p[0] is not None or m[0] is not None:
         return True
     return 0 < k[1] < vocab or p[1] < 1.0 or m[1] > 0.0
 
 
-def filter_logits(logits: Tensor, top_k=None, top_p=None, min_p=None, *, backend: str = "auto") -> Tensor:
+def filter_logits(logits: Tensor, top_k=None, top_p=None, min_p=None, *, top_p_mode: str = "inclusive",
+                  backend: str = "auto") -> Tensor:
     """Apply top-k, then top-p, then min-p filtering; filtered entries become ``-inf``.
 
     The semantics are transformers' ``TopKLogitsWarper`` -> ``TopPLogitsWarper`` ->
@@ -133,12 +144,21 @@ def filter_logits(logits: Tensor, top_k=None, top_p=None, min_p=None, *, backend
     strictly above it is below ``top_p``, and survives min-p iff its probability is at least
     ``min_p`` times the largest one.
 
+    ``top_p_mode="bd3lm"`` replaces the top-p rule by BD3LM's nucleus (kuleshov-group/bd3lms
+    ``_nucleus_sample``: sorted cumulative probability ``<= p``, at least the top token): a
+    token survives iff the mass strictly above it **plus its own probability** is at most
+    ``top_p``, or it ties with the largest logit. So the token that crosses ``p`` is dropped
+    (``"inclusive"`` keeps it). Ties are kept here too: the mass strictly above a token counts
+    none of the tokens tied with it, so a tie group at the boundary survives whole iff its
+    first member would fit (BD3LM's sort keeps an arbitrary prefix of such a group).
+
     Args:
         logits: ``[..., V]`` float32 / float16 / bfloat16, any leading dims (rows are the
             flattened leading dims), any strides.
         top_k: int or int tensor ``[R]``; ``None``, 0 or ``>= V`` keep everything.
         top_p: float in (0, 1] or float tensor ``[R]``; ``None`` or 1.0 keep everything.
         min_p: float in [0, 1] or float tensor ``[R]``; ``None`` or 0 keep everything.
+        top_p_mode: ``"inclusive"`` (transformers' TopPLogitsWarper) or ``"bd3lm"``.
         backend: ``"auto"`` (triton for CUDA tensors), ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -156,17 +176,19 @@ def filter_logits(logits: Tensor, top_k=None, top_p=None, min_p=None, *, backend
     logits2d = check_logits(logits)
     rows, vocab = logits2d.shape
     k, p, m = _filter_params(top_k, top_p, min_p, rows, logits.device)
+    top_p_mode = check_top_p_mode(top_p_mode)
     impl = resolve_backend(backend, logits)
     if impl == "torch":
-        out = torch.ops.ddiff.filter_logits_torch(logits2d, k[0], k[1], p[0], p[1], m[0], m[1])
+        out = torch.ops.ddiff.filter_logits_torch(logits2d, k[0], k[1], p[0], p[1], m[0], m[1], top_p_mode)
     else:
-        out, bad = torch.ops.ddiff.filter_logits_triton(logits2d, k[0], k[1], p[0], p[1], m[0], m[1])
+        out, bad = torch.ops.ddiff.filter_logits_triton(logits2d, k[0], k[1], p[0], p[1], m[0], m[1], top_p_mode)
         _raise_invalid_rows(bad.bool())
     return out.view(logits.shape)
 
 
-def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, *, seed=None, offset: int = 0,
-           generator: Optional[torch.Generator] = None, return_probs: bool = False, backend: str = "auto"):
+def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, *, top_p_mode: str = "inclusive",
+           seed=None, offset: int = 0, generator: Optional[torch.Generator] = None, return_probs: bool = False,
+           backend: str = "auto"):
     """Draw one token per row from ``softmax(filter_logits(logits / temperature))``.
 
     One fused pass over each row: the logits are read in their own dtype, tempered and
@@ -188,6 +210,8 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
         temperature: float >= 0 or float tensor ``[R]``. 0 means greedy: the first maximal
             index, as ``torch.argmax``; zeros may be mixed with positive values per row.
         top_k, top_p, min_p: filters as in :func:`filter_logits` (scalar or ``[R]``).
+        top_p_mode: ``"inclusive"`` (transformers) or ``"bd3lm"`` (BD3LM's nucleus), as in
+            :func:`filter_logits`; the nucleus is taken on the tempered distribution.
         seed: int, or int64 tensor ``[R]`` of per-row seeds (honoured per row).
         offset: int in [0, 2^56): advance it between calls that share a seed.
         generator: draw the seed from this generator instead. With neither ``seed`` nor
@@ -211,12 +235,14 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
     temp = row_param("temperature", temperature, rows, device, integer=False, default=1.0)
     check_range("temperature", temp[0], temp[1], 0.0, None)
     k, p, m = _filter_params(top_k, top_p, min_p, rows, device)
+    top_p_mode = check_top_p_mode(top_p_mode)
     if not isinstance(return_probs, bool):
         raise TypeError(f"`return_probs` must be a bool, got {type(return_probs).__name__}.")
     rng = rng_args(seed, offset, generator, rows, device)
     impl = resolve_backend(backend, logits)
 
-    args = (logits2d, temp[0], temp[1], k[0], k[1], p[0], p[1], m[0], m[1], rng.seed, rng.seed_value, rng.offset)
+    args = (logits2d, temp[0], temp[1], k[0], k[1], p[0], p[1], m[0], m[1], rng.seed, rng.seed_value, rng.offset,
+            top_p_mode)
     if impl == "torch":
         tokens, probs = torch.ops.ddiff.sample_torch(*args)
     else:

@@ -36,20 +36,29 @@ def confidence_of(dist_logits: torch.Tensor, tokens: torch.Tensor, kind: str) ->
     ``prob``: p[token] (LLaDA low_confidence, Dream maskgit_plus, Fast-dLLM);
     ``margin``: top-1 minus top-2 probability (Dream topk_margin; 0 for the second when V = 1);
     ``neg_entropy``: sum p log p (Dream entropy; 0 log 0 = 0).
+    A row whose distribution is empty (every entry -inf, which ``confidence_suppress_tokens``
+    can cause) gets the least value of its kind: 0 for ``prob`` and ``margin``, ``-inf`` for
+    ``neg_entropy``.
     """
+    empty = torch.isneginf(dist_logits).all(-1)
     probs = torch.softmax(dist_logits, dim=-1)
     if kind == "prob":
-        return probs.gather(-1, tokens[:, None]).squeeze(-1)
-    if kind == "margin":
+        conf = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    elif kind == "margin":
         if probs.shape[-1] == 1:
-            return probs[:, 0]
-        top2 = probs.topk(2, dim=-1).values
-        return top2[:, 0] - top2[:, 1]
-    return torch.special.xlogy(probs, probs).sum(-1)
+            conf = probs[:, 0]
+        else:
+            top2 = probs.topk(2, dim=-1).values
+            conf = top2[:, 0] - top2[:, 1]
+    else:
+        conf = torch.special.xlogy(probs, probs).sum(-1)
+    least = float("-inf") if kind == "neg_entropy" else 0.0
+    return torch.where(empty, torch.full_like(conf, least), conf)
 
 
 def predict_tokens_reference(logits2d, mask, temperature, top_k, top_p, min_p, seed_rows, offset: int, *,
-                             confidence: str, confidence_from: str, suppress_ids=None, row_ids=None):
+                             confidence: str, confidence_from: str, suppress_ids=None, row_ids=None,
+                             top_p_mode: str = "inclusive", confidence_suppress_ids=None, return_argmax: bool = False):
     """Tokens and confidences for every row; rows with ``mask`` False get (-1, -inf).
 
     The token is ``sample_reference`` on the suppressed logits. The confidence is measured
@@ -57,28 +66,43 @@ def predict_tokens_reference(logits2d, mask, temperature, top_k, top_p, min_p, s
     or under the tempered and filtered sampling distribution (``"sampling"``: Dream, the
     diffusers BlockRefinement scheduler; at temperature 0 it is the filtered softmax at
     temperature 1). ``"random"`` is a uniform from its own stream (LLaDA remasking="random").
+
+    ``confidence_suppress_ids`` are set to -inf in the distribution the confidence is measured
+    under only (after the filters; the kept set is not recomputed), never in the one the token
+    is drawn from: LLaDA ``generate``'s ``confidence_eos_eot_inf``. A drawn token among them
+    has ``prob`` confidence 0. With ``return_argmax`` a third output holds the first argmax of
+    the suppressed logits per row (-1 where ``mask`` is False).
     """
     rows = logits2d.shape[0]
     if mask is not None:
         # Only the masked rows are computed; the noise is keyed on the row index, so the
         # subset draws what the whole batch would.
         picked = torch.nonzero(mask).squeeze(-1)
-        sub_tokens, sub_conf = predict_tokens_reference(
+        sub = predict_tokens_reference(
             logits2d[picked], None, temperature[picked], top_k[picked], top_p[picked], min_p[picked],
             seed_rows[picked], offset, confidence=confidence, confidence_from=confidence_from,
-            suppress_ids=suppress_ids, row_ids=picked)
+            suppress_ids=suppress_ids, row_ids=picked, top_p_mode=top_p_mode,
+            confidence_suppress_ids=confidence_suppress_ids, return_argmax=return_argmax)
         tokens = torch.full((rows,), -1, dtype=torch.int64, device=logits2d.device)
         conf = torch.full((rows,), float("-inf"), dtype=torch.float32, device=logits2d.device)
-        return tokens.index_copy(0, picked, sub_tokens), conf.index_copy(0, picked, sub_conf)
+        out = (tokens.index_copy(0, picked, sub[0]), conf.index_copy(0, picked, sub[1]))
+        if return_argmax:
+            out += (torch.full_like(tokens, -1).index_copy(0, picked, sub[2]),)
+        return out
     x = suppress(logits2d, suppress_ids)
-    tokens, _ = sample_reference(x, temperature, top_k, top_p, min_p, seed_rows, offset, row_ids=row_ids)
+    tokens, _ = sample_reference(x, temperature, top_k, top_p, min_p, seed_rows, offset, row_ids=row_ids,
+                                 top_p_mode=top_p_mode)
     if confidence == "random":
         conf = row_uniform(seed_rows, offset, STREAM_CONFIDENCE, row_ids=row_ids)
-    elif confidence_from == "raw":
-        conf = confidence_of(x.float(), tokens, confidence)
     else:
-        keep, z = keep_mask(x, temperature, top_k, top_p, min_p)
-        conf = confidence_of(z.masked_fill(~keep, float("-inf")), tokens, confidence)
+        if confidence_from == "raw":
+            dist = x.float()
+        else:
+            keep, z = keep_mask(x, temperature, top_k, top_p, min_p, top_p_mode)
+            dist = z.masked_fill(~keep, float("-inf"))
+        conf = confidence_of(suppress(dist, confidence_suppress_ids), tokens, confidence)
+    if return_argmax:
+        return tokens, conf.float(), torch.argmax(x.float(), dim=-1)
     return tokens, conf.float()
 
 
@@ -94,21 +118,26 @@ def unmask_probability(alpha_t: torch.Tensor, alpha_s: torch.Tensor) -> torch.Te
 
 
 def mdlm_step_reference(logits2d, x_t, mask_token_id: int, alpha_t, alpha_s, temperature, top_p, seed_rows,
-                        offset: int):
+                        offset: int, top_k=None, min_p=None, top_p_mode: str = "inclusive"):
     """One ancestral step of the absorbing (SUBS) posterior (MDLM ``_ddpm_update``).
 
     A masked row un-masks when its posterior coin ``u < (α_s − α_t)/(1 − α_t)`` (uniform from
-    ``STREAM_POSTERIOR``), to a token sampled from softmax(logits / T) with the mask logit at
-    -inf (and top-p, for BD3LM's nucleus sampling). Other rows are copied.
+    ``STREAM_POSTERIOR``), to a token sampled from filter(softmax(logits / T)) with the mask
+    logit at -inf (top-k for Dream ``alg="origin"``, top-p for BD3LM's nucleus sampling with
+    ``top_p_mode="bd3lm"``, min-p). Other rows are copied. ``top_k`` / ``min_p``: [R] tensors
+    or None (no filter).
     """
     rows = logits2d.shape[0]
     masked = x_t == mask_token_id
     reveal = masked & (row_uniform(seed_rows, offset, STREAM_POSTERIOR) < unmask_probability(alpha_t, alpha_s))
-    zeros_i = torch.zeros(rows, dtype=torch.int64, device=x_t.device)
-    ones_f = torch.ones(rows, dtype=torch.float32, device=x_t.device)
+    if top_k is None:
+        top_k = torch.zeros(rows, dtype=torch.int64, device=x_t.device)
+    if min_p is None:
+        min_p = torch.zeros(rows, dtype=torch.float32, device=x_t.device)
     tokens, _ = predict_tokens_reference(
-        logits2d, reveal, temperature, zeros_i, top_p, 0 * ones_f, seed_rows, offset,
+        logits2d, reveal, temperature, top_k, top_p, min_p, seed_rows, offset,
         confidence="prob", confidence_from="raw", suppress_ids=torch.tensor([mask_token_id], device=x_t.device),
+        top_p_mode=top_p_mode,
     )
     return torch.where(reveal, tokens, x_t)
 

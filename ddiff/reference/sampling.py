@@ -10,9 +10,16 @@ tied at the top-k or top-p boundary are all kept (transformers keeps an arbitrar
 tie, decided by its sort). In terms of the logit order:
 
 * top-k keeps ``l >= v_k``, the k-th largest logit (``k`` = 0 or ``k >= V``: no-op);
-* top-p keeps ``l >= v_p``, the largest logit whose "mass at or above" reaches ``p``:
-  ``sum(softmax(z)[l_j >= v_p]) >= p`` over the top-k survivors (``p`` = 1: no-op). So a
-  token is kept iff the mass of tokens strictly above it is below ``p``, as in transformers;
+* top-p (``top_p_mode="inclusive"``, the default) keeps ``l >= v_p``, the largest logit whose
+  "mass at or above" reaches ``p``: ``sum(softmax(z)[l_j >= v_p]) >= p`` over the top-k
+  survivors (``p`` = 1: no-op). So a token is kept iff the mass of tokens strictly above it is
+  below ``p``, as in transformers: the token that crosses ``p`` is kept;
+* top-p with ``top_p_mode="bd3lm"`` is BD3LM's nucleus (kuleshov-group/bd3lms
+  ``_nucleus_sample``: sort, ``cumsum(probs) <= p``, always the top token): a token is kept
+  iff the mass strictly above it plus its own probability is at most ``p``, or it ties with
+  the largest logit. With ties, "the mass strictly above" counts none of the tied tokens, so a
+  tie group is kept whole iff its first member (in any sort order) would be: ddiff keeps every
+  tie that BD3LM's sort might keep. The token that crosses ``p`` is dropped;
 * min-p keeps ``exp(z - max z) >= min_p`` (``min_p`` = 0: no-op).
 
 Sampling draws ``argmax(z_i + G_i)`` over the kept tokens, hierarchically and exactly:
@@ -38,10 +45,14 @@ def invalid_rows(logits2d: torch.Tensor, temperature: torch.Tensor) -> torch.Ten
     return torch.isnan(z).any(-1) | torch.isposinf(z).any(-1) | torch.isneginf(x).all(-1)
 
 
-def keep_mask(logits2d: torch.Tensor, temperature, top_k, top_p, min_p):
+TOP_P_MODES = ("inclusive", "bd3lm")
+
+
+def keep_mask(logits2d: torch.Tensor, temperature, top_k, top_p, min_p, top_p_mode: str = "inclusive"):
     """Boolean [R, V] mask of the tokens that survive top-k -> top-p -> min-p, and ``z``.
 
-    ``temperature`` 0 (greedy) rows are filtered at temperature 1.
+    ``temperature`` 0 (greedy) rows are filtered at temperature 1. ``top_p_mode`` is
+    ``"inclusive"`` (transformers) or ``"bd3lm"`` (BD3LM's nucleus), see the module docstring.
     """
     rows, vocab = logits2d.shape
     x = logits2d.float()
@@ -64,11 +75,20 @@ def keep_mask(logits2d: torch.Tensor, temperature, top_k, top_p, min_p):
     z_max = z.max(-1, keepdim=True).values
     e = torch.exp(z - z_max)
     if bool(p_active.any()):
-        mass_sorted = torch.where(keep, e, torch.zeros_like(e)).gather(-1, order).cumsum(-1)
+        e_sorted = torch.where(keep, e, torch.zeros_like(e)).gather(-1, order)
+        mass_sorted = e_sorted.cumsum(-1)
         target = top_p.float()[:, None] * mass_sorted[:, -1:]
-        first = (mass_sorted >= target).int().argmax(-1, keepdim=True)
-        v_p = x_sorted.gather(-1, first)
-        keep &= (x >= v_p) | ~p_active[:, None]
+        if top_p_mode == "inclusive":
+            first = (mass_sorted >= target).int().argmax(-1, keepdim=True)
+            keep_p = x >= x_sorted.gather(-1, first)
+        else:
+            # Mass strictly above a token: the exclusive cumsum at the first member of its tie
+            # group (``-x_sorted`` is ascending, so searchsorted finds that member).
+            group_start = torch.searchsorted(-x_sorted, -x_sorted, side="left")
+            above = (mass_sorted - e_sorted).gather(-1, group_start)
+            fits = (above + e_sorted <= target) | (x_sorted == x_sorted[:, :1])
+            keep_p = torch.zeros_like(keep).scatter(-1, order, fits)
+        keep &= keep_p | ~p_active[:, None]
 
     m_active = min_p > 0
     if bool(m_active.any()):
@@ -76,9 +96,9 @@ def keep_mask(logits2d: torch.Tensor, temperature, top_k, top_p, min_p):
     return keep, z
 
 
-def filter_logits_reference(logits2d, top_k, top_p, min_p) -> torch.Tensor:
+def filter_logits_reference(logits2d, top_k, top_p, min_p, top_p_mode: str = "inclusive") -> torch.Tensor:
     ones = torch.ones(logits2d.shape[0], dtype=torch.float32, device=logits2d.device)
-    keep, _ = keep_mask(logits2d, ones, top_k, top_p, min_p)
+    keep, _ = keep_mask(logits2d, ones, top_k, top_p, min_p, top_p_mode)
     return logits2d.masked_fill(~keep, float("-inf"))
 
 
@@ -98,7 +118,8 @@ def _gumbel_race(z_kept: torch.Tensor, seed: torch.Tensor, offset: int, row_ids:
     return cols.gather(-1, torch.argmax(scores, dim=-1, keepdim=True)).squeeze(-1)
 
 
-def sample_reference(logits2d, temperature, top_k, top_p, min_p, seed, offset: int, row_ids=None):
+def sample_reference(logits2d, temperature, top_k, top_p, min_p, seed, offset: int, row_ids=None,
+                     top_p_mode: str = "inclusive"):
     """Tokens (int64 [R]) and their fp32 probabilities under the filtered sampling distribution.
 
     Greedy rows (``temperature == 0``) return the first maximal index, with its probability
@@ -107,7 +128,7 @@ def sample_reference(logits2d, temperature, top_k, top_p, min_p, seed, offset: i
     """
     rows, vocab = logits2d.shape
     device = logits2d.device
-    keep, z = keep_mask(logits2d, temperature, top_k, top_p, min_p)
+    keep, z = keep_mask(logits2d, temperature, top_k, top_p, min_p, top_p_mode)
     z_kept = z.masked_fill(~keep, float("-inf"))
     if rows == 0:
         return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)

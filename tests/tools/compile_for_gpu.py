@@ -31,10 +31,11 @@ def compile_one(kernel, signature, constexprs, arch, num_warps, num_stages=3):
 
 def main(arch=90):
     row = {"logits_ptr": "*bf16", "stride_row": "i64", "V": "i32", "num_tiles": "i32", "mask_ptr": "*i1",
-           "supp_ptr": "*i64", "gate_ptr": "*fp32", "query_ptr": "*i64", "temp_ptr": "*fp32", "temp_value": "fp32",
+           "supp_ptr": "*i64", "csupp_ptr": "*i64", "gate_ptr": "*fp32", "query_ptr": "*i64", "temp_ptr": "*fp32", "temp_value": "fp32",
            "top_k_ptr": "*i64", "top_k_value": "i32", "top_p_ptr": "*fp32", "top_p_value": "fp32",
            "min_p_ptr": "*fp32", "min_p_value": "fp32", "seed_ptr": "*i64", "seed_stride": "i32",
-           "seed_value": "i64", "offset": "i64", "tokens_ptr": "*i64", "conf_ptr": "*fp32"}
+           "seed_value": "i64", "offset": "i64", "tokens_ptr": "*i64", "conf_ptr": "*fp32",
+           "argmax_ptr": "*i64"}
     dtypes = (("*bf16", 16), ("*fp16", 13), ("*fp32", 0), ("*bf16", 16))
     for conf, (dtype, shift) in enumerate(dtypes):  # every confidence kind, every dtype once
         for filtered in (False, True):
@@ -42,6 +43,7 @@ def main(arch=90):
                 has_mask, n_supp, has_gate, has_query = flags
                 sig = dict(row, logits_ptr=dtype)
                 const = dict(HAS_MASK=has_mask, NUM_SUPPRESS=n_supp, HAS_GATE=has_gate, HAS_QUERY=has_query,
+                             NUM_CONF_SUPPRESS=n_supp, TOP_P_BD3LM=has_gate, RETURN_ARGMAX=has_query,
                              HAS_TEMP=filtered, HAS_TOP_K=filtered, HAS_TOP_P=filtered, HAS_MIN_P=False,
                              HAS_SEED=True, FILTERED=filtered, CONFIDENCE=conf, CONF_RAW=conf % 2 == 0,
                              KEY_SHIFT=shift, NUM_PIVOTS=ks.NUM_PIVOTS, SEARCH_BLOCK=ks.SEARCH_BLOCK,
@@ -66,6 +68,7 @@ def main(arch=90):
            "V": "i32", "top_k_ptr": "*i64", "top_k_value": "i32", "top_p_ptr": "*fp32", "top_p_value": "fp32",
            "min_p_ptr": "*fp32", "min_p_value": "fp32"}
     compile_one(ks._filter_logits_kernel, flt, dict(HAS_TOP_K=True, HAS_TOP_P=False, HAS_MIN_P=True, KEY_SHIFT=16,
+                                                    TOP_P_BD3LM=True,
                                                     NUM_PIVOTS=ks.NUM_PIVOTS, SEARCH_BLOCK=ks.SEARCH_BLOCK), arch, 8)
     print("_filter_logits_kernel: ok")
     compile_attention(arch)
