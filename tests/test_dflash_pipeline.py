@@ -255,7 +255,10 @@ def test_triton_backend_gives_the_torch_tokens(target):
 # ---------------------------------------------------------------------------------------------
 
 
-CACHE_KWARG = "cache" if "cache" in inspect.signature(type(tiny_target()).forward).parameters else "past_key_values"
+def _cache_kwarg():
+    from transformers import Qwen3ForCausalLM
+
+    return "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
 
 
 def _layers_kv(cache):
@@ -285,7 +288,7 @@ def test_caches_hold_exactly_the_committed_positions(target, scripted):
         prefix = torch.cat([ids, seq[:, :-1]], dim=1)
         fresh = DynamicCache()
         with torch.no_grad():
-            hs = target(prefix, use_cache=True, output_hidden_states=True, **{CACHE_KWARG: fresh}).hidden_states
+            hs = target(prefix, use_cache=True, output_hidden_states=True, **{_cache_kwarg(): fresh}).hidden_states
         for (k, v), (fk, fv) in zip(_layers_kv(kw["target_cache"]), _layers_kv(fresh)):
             torch.testing.assert_close(k, fk, rtol=1e-9, atol=1e-9)
             torch.testing.assert_close(v, fv, rtol=1e-9, atol=1e-9)
