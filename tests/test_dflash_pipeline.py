@@ -170,6 +170,21 @@ def test_generated_mask_token_is_kept(target):
     assert out.sequences[0].tolist() == ref and common in out.sequences[0].tolist()
 
 
+def test_tied_embeddings_target(target):
+    tied = tiny_target(tie_word_embeddings=True)
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    ids = prompt_ids(4, seed=6)
+    out = run(DFlashPipeline(tiny_draft(tied), tied, backend="torch"), ids, max_new_tokens=12)
+    assert out.sequences[0].tolist() == argmax_loop(tied, ids, 12)
+
+
+def test_draft_and_target_in_different_dtypes(target):
+    low = tiny_target(dtype=torch.bfloat16)
+    draft = tiny_draft(target).float()  # fp32 draft on a bf16 target: inputs and outputs are cast
+    out = run(DFlashPipeline(draft, low, backend="torch"), prompt_ids(4), max_new_tokens=9, block_size=4)
+    assert out.sequences.shape == (1, 9) and 1 + sum(out.acceptance_lengths) == 9
+
+
 # ---------------------------------------------------------------------------------------------
 # stop tokens
 # ---------------------------------------------------------------------------------------------
