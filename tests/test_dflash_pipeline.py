@@ -428,7 +428,7 @@ def test_chat_template_passes_enable_thinking(target):
 def test_progress_bar_configuration_survives(target, pipe):
     pipe.set_progress_bar_config(desc="mine", leave=False)
     run(pipe, prompt_ids(3), max_new_tokens=5)
-    pipe.progress_bar_config["desc"] == "mine"
+    assert pipe.progress_bar_config["desc"] == "mine"
     out = pipe(input_ids=prompt_ids(3), max_new_tokens=5, stop_token_ids=[], output_type="ids", progress=True)
     assert out.sequences.shape == (1, 5) and pipe.progress_bar_config == {"desc": "mine", "leave": False}
 
@@ -461,3 +461,14 @@ def test_trained_tiny_draft_accepts_many_tokens_and_stays_lossless():
         means[name] = sum(lengths) / len(lengths)
     assert means["untrained"] < 1.5
     assert means["trained"] > 3.0, means
+
+
+def test_from_pretrained_loads_both_models_from_local_directories():
+    target_dir, draft_dir = os.path.join(ASSETS, "tiny_dflash_target"), os.path.join(ASSETS, "tiny_dflash_draft")
+    pipe = DFlashPipeline.from_pretrained(draft_dir, target_dir, dtype=torch.float64, backend="torch")
+    assert pipe.draft_model.dtype == torch.float64 and pipe.tokenizer is None
+    ids = torch.tensor([[5, 9, 33]])
+    out = run(pipe, ids, max_new_tokens=10)
+    assert out.sequences[0].tolist() == argmax_loop(pipe.target_model, ids, 10)
+    with pytest.raises(ValueError, match="local"):
+        DFlashPipeline.from_pretrained(draft_dir, os.path.join(ASSETS, "missing"))

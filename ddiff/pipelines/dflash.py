@@ -87,6 +87,12 @@ class DFlashPipelineOutput(DiscreteDiffusionPipelineOutput):
         return sum(self.acceptance_lengths) / len(self.acceptance_lengths)
 
 
+def has_tokenizer_files(path) -> bool:
+    """True when ``path`` holds a tokenizer (transformers 5 otherwise builds an empty one from the config)."""
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    return any(os.path.exists(os.path.join(path, n)) for n in names)
+
+
 def _crop(cache, length: int) -> None:
     """Drop cached positions past ``length`` (a negative count: ``crop(length)`` raises on transformers 5)."""
     remove = cache.get_seq_length() - length
@@ -169,11 +175,8 @@ class DFlashPipeline(ProgressBarMixin):
         if device is not None:
             target = target.to(device)
         draft = DFlashDraftModel.from_pretrained(draft_path, dtype=dtype, device=execution_device(target))
-        if tokenizer is None:
-            try:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(target_path, local_files_only=True)
-            except (OSError, ValueError):
-                tokenizer = None
+        if tokenizer is None and has_tokenizer_files(target_path):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(target_path, local_files_only=True)
         return cls(draft, target, tokenizer, backend=backend)
 
     @property

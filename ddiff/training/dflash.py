@@ -399,6 +399,7 @@ def _regenerate(target, records: list[dict], max_new_tokens: int, device) -> lis
 def _setup(args, accelerator) -> TrainingSetup:
     import transformers
 
+    from ddiff.pipelines.dflash import has_tokenizer_files
     from ddiff.pipelines.dflash_model import DFlashDraftModel
 
     if not os.path.isdir(args.target):
@@ -407,10 +408,9 @@ def _setup(args, accelerator) -> TrainingSetup:
                                                                dtype=_DTYPES[args.target_dtype]).eval()
     target.requires_grad_(False)
     target.to(accelerator.device)
-    try:
+    tokenizer = None
+    if has_tokenizer_files(args.target):
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.target, local_files_only=True)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
     if args.draft is not None:
         draft = DFlashDraftModel.from_pretrained(args.draft, dtype=torch.float32)
     else:
