@@ -414,3 +414,28 @@ def test_check_draft_target():
         check_draft_target(DFlashDraftModel(wide), target)
     with pytest.raises(TypeError, match="DFlashDraftModel"):
         check_draft_target(torch.nn.Linear(2, 2), target)
+
+
+def test_qwen3_8b_b16_layout_on_the_meta_device():
+    """The published Qwen3-8B-DFlash-b16 config (its config.json fields) against a Qwen3-8B-shaped target."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = {"architectures": ["DFlashDraftModel"], "attention_bias": False, "attention_dropout": 0.0,
+              "auto_map": {"AutoModel": "dflash.DFlashDraftModel"}, "block_size": 16, "bos_token_id": 151643,
+              "dflash_config": {"mask_token_id": 151669, "target_layer_ids": [1, 9, 17, 25, 33]},
+              "dtype": "bfloat16", "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+              "initializer_range": 0.02, "intermediate_size": 12288, "layer_types": ["full_attention"] * 5,
+              "max_position_embeddings": 40960, "max_window_layers": 5, "model_type": "qwen3",
+              "num_attention_heads": 32, "num_hidden_layers": 5, "num_key_value_heads": 8, "num_target_layers": 36,
+              "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
+              "tie_word_embeddings": False, "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+    with torch.device("meta"):
+        draft = DFlashDraftModel(config)
+        target = Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                                              num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                                              head_dim=128))
+    assert draft.block_size == 16 and draft.mask_token_id == 151669 and draft.target_layer_ids == [1, 9, 17, 25, 33]
+    assert tuple(draft.fc.weight.shape) == (4096, 5 * 4096)
+    assert tuple(draft.layers[0].self_attn.k_proj.weight.shape) == (8 * 128, 4096)
+    assert len(draft.state_dict()) == 3 + 5 * 11
+    check_draft_target(draft, target)
