@@ -112,7 +112,8 @@ def test_config_defaults():
     ({"layer_types": ["full_attention", "linear_attention"]}, ["linear_attention"]),
     ({"use_sliding_window": True, "sliding_window": 64}, ["use_sliding_window"]),
     ({"dflash_config": {"mask_token_id": 95, "fc_layernorm": True}}, ["fc_layernorm"]),
-    ({"dflash_config": {"mask_token_id": 95, "draft_arch": "x", "sliding_window": 3}}, ["draft_arch", "sliding_window"]),
+    ({"dflash_config": {"mask_token_id": 95, "draft_arch": "x", "sliding_window": 3}},
+     ["draft_arch", "sliding_window"]),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["yarn"]),
     ({"hidden_act": "gelu"}, ["gelu"]),
 ])
@@ -242,7 +243,8 @@ def explicit_draft(state, noise, feats, ctx_pos, noise_pos, layers=2):
         h = _rms(x, p("input_layernorm.weight"))
         kv_in = torch.cat([ctx, h])
         pos = torch.cat([ctx_pos, noise_pos])
-        q = _rope(_rms((h @ p("self_attn.q_proj.weight").T).view(-1, HEADS, D), p("self_attn.q_norm.weight")), noise_pos)
+        q = _rms((h @ p("self_attn.q_proj.weight").T).view(-1, HEADS, D), p("self_attn.q_norm.weight"))
+        q = _rope(q, noise_pos)
         k = _rope(_rms((kv_in @ p("self_attn.k_proj.weight").T).view(-1, KV, D), p("self_attn.k_norm.weight")), pos)
         v = (kv_in @ p("self_attn.v_proj.weight").T).view(-1, KV, D)
         heads = []
@@ -252,7 +254,8 @@ def explicit_draft(state, noise, feats, ctx_pos, noise_pos, layers=2):
             heads.append(torch.softmax(scores, -1) @ v[:, kvh])
         x = x + torch.cat(heads, -1) @ p("self_attn.o_proj.weight").T
         h = _rms(x, p("post_attention_layernorm.weight"))
-        x = x + (F.silu(h @ p("mlp.gate_proj.weight").T) * (h @ p("mlp.up_proj.weight").T)) @ p("mlp.down_proj.weight").T
+        mlp = F.silu(h @ p("mlp.gate_proj.weight").T) * (h @ p("mlp.up_proj.weight").T)
+        x = x + mlp @ p("mlp.down_proj.weight").T
     return _rms(x, state["norm.weight"])
 
 
@@ -274,8 +277,10 @@ def test_forward_equals_explicit_math():
 def test_target_features_are_decoder_layer_outputs():
     target = tiny_target()
     outputs = {}
-    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-             for i, layer in enumerate(target.model.layers)]
+    def keep(i):
+        return lambda module, args, out: outputs.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+
+    hooks = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(target.model.layers)]
     try:
         ids = torch.randint(0, 95, (1, 6))
         with torch.no_grad():

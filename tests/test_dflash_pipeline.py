@@ -236,7 +236,8 @@ def test_default_stop_ids_come_from_the_generation_config(target):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)])
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=5),
+                                dict(temperature=1.3, top_p=0.8)])
 def test_seeded_sampling_does_not_depend_on_speculation(target, kw):
     ids = prompt_ids(5, seed=2)
     want = sampling_loop(target, ids, 12, seed=123, **kw)

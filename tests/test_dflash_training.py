@@ -116,8 +116,9 @@ def test_blocks_labels_are_not_shifted_and_weights_decay():
     assert blocks.labels[0, 0].tolist() == [10, 11, 12, 13]
     w = [1.0, math.exp(-0.5), math.exp(-1.0)]
     torch.testing.assert_close(blocks.weights[0, 0], torch.tensor([0.0, *w], dtype=torch.float64))
-    torch.testing.assert_close(blocks.weights[0, 1], torch.tensor([0.0, w[0], 0.0, w[2]], dtype=torch.float64))  # x[5] unsupervised
-    torch.testing.assert_close(blocks.weights[0, 2], torch.tensor([0.0, w[0], w[1], 0.0], dtype=torch.float64))  # 12 is past the end
+    f64 = dict(dtype=torch.float64)
+    torch.testing.assert_close(blocks.weights[0, 1], torch.tensor([0.0, w[0], 0.0, w[2]], **f64))  # x[5] unsupervised
+    torch.testing.assert_close(blocks.weights[0, 2], torch.tensor([0.0, w[0], w[1], 0.0], **f64))  # 12: past the end
     assert blocks.weights[0, 3].eq(0).all()  # dropped block
 
 

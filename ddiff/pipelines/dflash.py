@@ -17,9 +17,10 @@ output does not depend on what the draft proposed: greedy output equals the targ
 decoding, and with a seed every ``block_size`` (``1`` = plain target sampling) gives the same
 tokens. (Token for token in float64; in bf16 / fp16 the target's logits for a position verified
 inside a block may differ in the last bits from a one-token forward, so near-ties can resolve
-differently, as with any speculative decoder.) The loop runs while fewer than ``max_new_tokens`` tokens are committed (the final
-block is shortened to what is still needed) and stops right after a stop token, even one
-accepted mid-block; the output is sliced by length, never by token value.
+differently, as with any speculative decoder.) The loop runs while fewer than
+``max_new_tokens`` tokens are committed (the final block is shortened to what is still needed)
+and stops right after a stop token, even one accepted mid-block; the output is sliced by
+length, never by token value.
 
 Only targets whose every layer is full attention are supported: rolling a recurrent or
 sliding-window cache back to the committed length is not possible with ``cache.crop``.

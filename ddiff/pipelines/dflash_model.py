@@ -155,7 +155,8 @@ class DFlashDraftConfig:
         heads = _int(cfg, "num_attention_heads")
         kv_heads = _int(cfg, "num_key_value_heads", heads)
         if heads % kv_heads:
-            raise ValueError(f"`num_attention_heads` ({heads}) must be a multiple of `num_key_value_heads` ({kv_heads}).")
+            raise ValueError(f"`num_attention_heads` ({heads}) must be a multiple of "
+                             f"`num_key_value_heads` ({kv_heads}).")
         if cfg.get("head_dim") is None and hidden % heads:
             raise ValueError(f"`hidden_size` ({hidden}) is not a multiple of `num_attention_heads` ({heads}); "
                              "give `head_dim`.")
@@ -545,7 +546,8 @@ class DFlashDraftModel(nn.Module):
 
         os.makedirs(directory, exist_ok=True)
         config = self.config.to_dict()
-        state = {k: (v if dtype is None else v.to(dtype)).detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: (v if dtype is None else v.to(dtype)).detach().contiguous().cpu()
+                 for k, v in self.state_dict().items()}
         config["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
         config.pop("torch_dtype", None)
         config.setdefault("architectures", ["DFlashDraftModel"])
@@ -633,4 +635,5 @@ def check_draft_target(draft, target) -> None:
         raise ValueError(f"the draft's vocab_size {c.vocab_size} differs from the target's embeddings "
                          f"({vocab_in}) / lm_head ({vocab_out}).")
     if vocab_in is not None and not c.mask_token_id < vocab_in:
-        raise ValueError(f"the draft's mask_token_id {c.mask_token_id} is outside the target's vocabulary of {vocab_in}.")
+        raise ValueError(f"the draft's mask_token_id {c.mask_token_id} is outside the target's vocabulary "
+                         f"of {vocab_in}.")

@@ -192,7 +192,8 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
         of the logits. Peak extra memory is one chunk's logits, and the backward stores ``[n, H]``.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"`hidden` [n, H] and `weight` [V, H] do not fit: {tuple(hidden.shape)}, {tuple(weight.shape)}.")
+        raise ValueError(f"`hidden` [n, H] and `weight` [V, H] do not fit: {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}.")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"`labels` must have shape [{hidden.shape[0]}], got {tuple(labels.shape)}.")
     if not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
@@ -266,7 +267,8 @@ def dflash_loss(draft, target, input_ids: Tensor, loss_mask: Optional[Tensor] = 
     check_draft_target(core, target)
     _check_ids("input_ids", input_ids)
     if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise ValueError(f"`input_ids` must be an integer [B, S] tensor, got {input_ids.dtype} {tuple(input_ids.shape)}.")
+        raise ValueError(f"`input_ids` must be an integer [B, S] tensor, got {input_ids.dtype} "
+                         f"{tuple(input_ids.shape)}.")
     B, S = input_ids.shape
     device = input_ids.device
     vocab = target.get_input_embeddings().weight.shape[0]
@@ -346,7 +348,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                              "continuation only (the target's own outputs, as SpecForge recommends)")
     parser.add_argument("--seq_len", type=int, default=2048, help="sequences are cut to this many tokens")
     parser.add_argument("--num_anchors", type=int, default=512)
-    parser.add_argument("--gamma", type=float, default=None, help="loss decay (default: the paper's for the block size)")
+    parser.add_argument("--gamma", type=float, default=None,
+                        help="loss decay (default: the paper's for the block size)")
     parser.add_argument("--block_size", type=int, default=16, help="block size of a new draft")
     parser.add_argument("--mask_token_id", type=int, default=None,
                         help="mask id of a new draft (default: the tokenizer's mask token)")
@@ -429,7 +432,8 @@ def _setup(args, accelerator) -> TrainingSetup:
         records = _regenerate(target, records, args.regenerate_max_new_tokens, accelerator.device)
     records = [{k: v[:args.seq_len] for k, v in rec.items()} for rec in records]
     data_gen = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index + 7)
-    anchor_gen = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index + 1)
+    anchor_gen = torch.Generator(device=accelerator.device)
+    anchor_gen.manual_seed(args.seed * 1000 + accelerator.process_index + 1)
 
     def next_batch():
         pick = torch.randint(0, len(records), (args.batch_size,), generator=data_gen).tolist()
@@ -442,7 +446,8 @@ def _setup(args, accelerator) -> TrainingSetup:
             ids[row, :n] = torch.tensor(records[i]["input_ids"])
             mask[row, :n] = torch.tensor(records[i]["loss_mask"], dtype=torch.bool)
             attn[row, :n] = 1
-        return {k: v.to(accelerator.device) for k, v in (("input_ids", ids), ("loss_mask", mask), ("attention_mask", attn))}
+        batch = {"input_ids": ids, "loss_mask": mask, "attention_mask": attn}
+        return {k: v.to(accelerator.device) for k, v in batch.items()}
 
     def loss(model, batch):
         return dflash_loss(model, target, batch["input_ids"], batch["loss_mask"], num_anchors=args.num_anchors,
