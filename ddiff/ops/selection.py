@@ -7,8 +7,9 @@ from typing import Optional, Union
 import torch
 
 from ddiff._backend import launch_wrapper, resolve_backend
-from ddiff._checks import (check_device, check_dim, check_per_row_tensor, check_shape, check_tensor, eager, is_int,
-                           row_param)
+from ddiff._checks import (check_device, check_dim, check_per_row_tensor, check_range, check_shape, check_tensor, eager,
+                           is_int, row_param)
+from ddiff._params import rng_args, rows_of, seed_rows
 from ddiff.reference import selection as _ref
 
 __all__ = ["num_transfer_tokens", "select_edits", "select_transfer"]
@@ -107,6 +108,10 @@ def select_transfer(
     factor: Optional[Union[Scalar, torch.Tensor]] = None,
     entropy_bound: Optional[Union[Scalar, torch.Tensor]] = None,
     min_transfer: int = 1,
+    temperature: Optional[Union[Scalar, torch.Tensor]] = None,
+    seed=None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Choose which masked positions to commit (unmask) at this denoising step.
@@ -143,6 +148,13 @@ def select_transfer(
       Sums are float64, the bound is rounded to fp32. Needs ``b >= 0``; alone, like
       ``factor``, and ``min_transfer`` does not apply. Where tied entropies straddle the
       bound the lower positions are taken (transformers' sort takes an arbitrary subset).
+    * ``num_transfer=k, temperature=τ`` — Dream's ``alg_temp``: k candidates drawn without
+      replacement with probabilities ``softmax(confidence / τ)`` over the row's candidates,
+      i.e. ``torch.multinomial(softmax(confidence / τ), k)``. Sampled as a Gumbel-top-k: the
+      top-k of ``confidence / τ + G`` with ``G`` Gumbel noise from ddiff's Philox stream
+      ``STREAM_SELECT`` at ``(seed, offset, row, position)`` (see ``selection_keys_reference``),
+      so both backends draw the same positions. ``τ = 0`` (or None) is the plain top-k; ``τ``
+      may be a ``[B]`` tensor. Only with ``num_transfer`` alone.
 
     Rows without candidates select nothing under every rule.
 
@@ -156,6 +168,11 @@ def select_transfer(
         factor: float > 0, or ``[B]`` (or 0-dim) floating tensor with positive entries.
         entropy_bound: float >= 0, or ``[B]`` (or 0-dim) floating tensor (entries >= 0).
         min_transfer: int >= 0, the floor of the threshold-only rule.
+        temperature: float >= 0, or ``[B]`` (or 0-dim) floating tensor: sample the
+            ``num_transfer`` positions instead of taking the most confident.
+        seed, offset, generator: the draw of ``temperature`` > 0, as in :func:`ddiff.sample`
+            (per-row ``seed`` tensors allowed; neither ``seed`` nor ``generator``: torch's
+            default generator).
         backend: ``"auto"`` (Triton on CUDA, PyTorch otherwise), ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -172,6 +189,7 @@ def select_transfer(
         >>> neg_entropy = torch.tensor([[-0.02, -0.5, -0.05, -0.06]])
         >>> select_transfer(neg_entropy, torch.ones(1, 4, dtype=torch.bool), entropy_bound=0.1)
         tensor([[ True, False,  True,  True]])
+        >>> picked = select_transfer(conf, mask, num_transfer=2, temperature=0.5, seed=0)  # sampled
     """
     _check_2d("confidence", confidence)
     _check_2d("mask", mask, confidence.shape)
@@ -190,6 +208,10 @@ def select_transfer(
         )
     if entropy_bound is not None and (num_transfer is not None or threshold is not None or factor is not None):
         raise ValueError("`entropy_bound` cannot be combined with `num_transfer`, `threshold` or `factor`.")
+    if temperature is not None and (num_transfer is None or threshold is not None or factor is not None
+                                    or entropy_bound is not None):
+        raise ValueError("`temperature` samples the `num_transfer` positions: it takes `num_transfer` alone "
+                         "(no `threshold`, `factor` or `entropy_bound`).")
     if not is_int(min_transfer):
         raise TypeError(f"`min_transfer` must be an int, got {type(min_transfer).__name__}.")
     if min_transfer < 0:
@@ -214,12 +236,27 @@ def select_transfer(
         rule = _ref.RULE_BOTH if threshold is not None else _ref.RULE_TOPK
     else:
         rule = _ref.RULE_THRESHOLD
+    if temperature is not None:
+        confidence = _sampling_keys(confidence, temperature, seed, offset, generator)
     length = confidence.shape[1]  # counts beyond L mean "all candidates": clamp (keeps int64 safe)
     args = (confidence, mask, k, min(k_scalar, length), thr, thr_scalar, fac, fac_scalar, rule, min(int(min_transfer), length))
 
     if resolve_backend(backend, confidence) == "triton":
         return torch.ops.ddiff.select_transfer_triton(*args)
     return torch.ops.ddiff.select_transfer_torch(*args)
+
+
+def _sampling_keys(confidence, temperature, seed, offset, generator) -> torch.Tensor:
+    """The perturbed confidences of the ``temperature`` rule, on either backend's input side:
+    both then run the same deterministic top-k on them."""
+    batch, device = confidence.shape[0], confidence.device
+    tau, tau_scalar = _split("temperature", temperature, confidence, integer=False)
+    check_range("temperature", tau, tau_scalar, 0.0, None)
+    if tau is None and tau_scalar == 0.0:
+        return confidence
+    rng = rng_args(seed, offset, generator, batch, device)
+    return _ref.selection_keys_reference(confidence, rows_of(tau, tau_scalar, batch, torch.float32, device),
+                                         seed_rows(rng, batch, device), rng.offset)
 
 
 def num_transfer_tokens(mask: torch.Tensor, steps: int) -> torch.Tensor:

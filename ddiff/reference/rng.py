@@ -40,6 +40,7 @@ STREAM_TILE = 1  # per-noise-tile Gumbel noise for the tile race
 STREAM_CONFIDENCE = 2  # uniforms for confidence="random"
 STREAM_POSTERIOR = 3  # coin flips / uniforms of posterior steps
 STREAM_RENOISE = 4  # uniform replacement tokens (ddiff.renoise_uniform)
+STREAM_SELECT = 5  # Gumbel keys of select_transfer(temperature=...): positions sampled without replacement
 
 # Hierarchical Gumbel-max: one noise value per tile of NOISE_TILE columns picks a tile,
 # then one per column of that tile picks the token. Part of the semantics of `sample`.

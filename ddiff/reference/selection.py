@@ -21,6 +21,8 @@ from typing import Optional, Union
 
 import torch
 
+from ddiff.reference.rng import STREAM_SELECT, philox_gumbel
+
 Number = Union[int, float]
 
 # Rule codes shared with the ops layer and the kernel.
@@ -40,6 +42,7 @@ __all__ = [
     "factor_count_reference",
     "num_transfer_tokens_reference",
     "select_edits_reference",
+    "selection_keys_reference",
     "select_transfer_reference",
 ]
 
@@ -183,6 +186,28 @@ def select_transfer_reference(
     # Taking the top max(n_pass, k) is the same as "all passers if there are >= k of
     # them, else the top k": the passers are exactly the top n_pass.
     return mask & (rank < k_eff[:, None])
+
+
+def selection_keys_reference(confidence: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+                             offset: int) -> torch.Tensor:
+    """Gumbel-top-k keys of ``select_transfer(..., temperature=τ)``: fp32 ``[B, L]``.
+
+    A row's key is ``c / τ + G`` with ``G = philox_gumbel(seed_b, offset, row=b, index=l,
+    STREAM_SELECT)``, so its top-k is k positions drawn without replacement with probabilities
+    ``softmax(c / τ)`` over the candidates (Gumbel-top-k; Vieira 2014, Kool et al. 2019): Dream's
+    ``multinomial(softmax(confidence / alg_temp), k)``. NaN confidences count as ``-inf`` and
+    ``-inf`` stays ``-inf``; a row with ``τ = 0`` keeps its confidence (the deterministic top-k).
+    ``temperature`` and ``seeds`` are ``[B]`` tensors.
+    """
+    c = _canonical_confidence(confidence)
+    batch, length = c.shape
+    rows = torch.arange(batch, device=c.device)[:, None]
+    cols = torch.arange(length, device=c.device)[None, :]
+    gumbel = philox_gumbel(seeds.to(c.device)[:, None], offset, rows, cols, STREAM_SELECT)
+    tau = temperature.to(device=c.device, dtype=torch.float32)[:, None]
+    sampled = c / torch.where(tau > 0, tau, torch.ones_like(tau)) + gumbel
+    sampled = torch.where(torch.isneginf(c), c, sampled)
+    return torch.where(tau > 0, sampled, c)
 
 
 def num_transfer_tokens_reference(mask: torch.Tensor, steps: int) -> torch.Tensor:
