@@ -18,10 +18,16 @@ bidirectional by itself (a masked LM such as BERT, or MDLM's DiT).
 
 :func:`tiny_denoiser` builds such a model from a ``LlamaConfig`` (used by the tests and by
 ``python -m ddiff.train``).
+
+Every ddiff pipeline calls its model through :func:`model_logits` (one forward, only the
+arguments the model's ``forward`` declares) and keeps its KV cache with :func:`new_cache` /
+:func:`crop_cache`, so the plumbing of a model call is written once.
 """
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from typing import Optional
 
 import torch
@@ -66,6 +72,75 @@ def logits_of(output) -> Tensor:
     return logits
 
 
+# Arguments a transformers model takes when its ``forward`` cannot be inspected.
+_DEFAULT_FORWARD_PARAMS = frozenset({"input_ids", "attention_mask", "position_ids", "past_key_values", "use_cache"})
+_forward_params_cache: "weakref.WeakKeyDictionary[object, tuple[frozenset, bool]]" = weakref.WeakKeyDictionary()
+
+
+def forward_parameters(model) -> tuple[frozenset, bool]:
+    """``(names, takes_kwargs)``: the parameters ``model.forward`` declares and whether it has ``**kwargs``.
+
+    Cached per model (inspecting a signature costs more than a tiny model's step).
+    """
+    try:
+        return _forward_params_cache[model]
+    except (KeyError, TypeError):
+        pass
+    try:
+        params = inspect.signature(model.forward).parameters
+        names = frozenset(params)
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        result = (names, var_kw)
+    except (TypeError, ValueError, AttributeError):
+        result = (_DEFAULT_FORWARD_PARAMS, False)
+    try:
+        _forward_params_cache[model] = result
+    except TypeError:  # not weak-referenceable
+        pass
+    return result
+
+
+def model_logits(model, input_ids: Tensor, *, attention_mask=None, position_ids: Optional[Tensor] = None,
+                 past_key_values=None, logits_to_keep: Optional[Tensor] = None) -> Tensor:
+    """One forward of ``model``; returns the logits ``[B, Q or len(logits_to_keep), V]``.
+
+    Only what ``model.forward`` accepts is passed: ``position_ids`` and ``use_cache`` when it
+    declares them (or takes ``**kwargs``), ``logits_to_keep`` only when it declares it (the
+    positions are otherwise selected from the full output). ``attention_mask`` is passed as
+    given (a 2-D padding mask or a 4-D mask); with ``past_key_values`` the model runs with
+    ``use_cache=True`` (the cache goes in as ``cache`` to a ``forward`` that declares that name
+    instead, as newer transformers do) and the caller crops the cache (:func:`crop_cache`).
+
+    Example::
+
+        >>> logits = model_logits(model, ids, attention_mask=mask4d, logits_to_keep=torch.arange(4, 8))
+    """
+    names, var_kw = forward_parameters(model)
+
+    def accepts(name):
+        return name in names or var_kw
+
+    kwargs = {"input_ids": input_ids}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None and accepts("position_ids"):
+        kwargs["position_ids"] = position_ids
+    if past_key_values is not None:
+        # transformers >= 5.2x names it `cache` (and deprecates `past_key_values`)
+        name = "cache" if "cache" in names and "past_key_values" not in names else "past_key_values"
+        kwargs[name] = past_key_values
+        kwargs["use_cache"] = True
+    elif accepts("use_cache"):
+        kwargs["use_cache"] = False
+    kept = logits_to_keep is not None and "logits_to_keep" in names
+    if kept:
+        kwargs["logits_to_keep"] = logits_to_keep
+    logits = logits_of(model(**kwargs))
+    if logits_to_keep is not None and not kept:
+        logits = logits[:, logits_to_keep]
+    return logits
+
+
 def denoiser_logits(model, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None,
                     position_ids: Optional[Tensor] = None, past_key_values=None) -> Tensor:
     """Logits ``[B, Q, V]`` for ``input_ids`` ``[B, Q]``.
@@ -80,8 +155,7 @@ def denoiser_logits(model, input_ids: Tensor, *, attention_mask: Optional[Tensor
         if attention_mask is not None or past_key_values is not None:
             raise ValueError("this model declares no `config.ddiff_attention`, so ddiff cannot pass it a 4-D "
                              "attention mask or a KV cache; set config.ddiff_attention (see ddiff.denoiser).")
-        kwargs = {} if position_ids is None else {"position_ids": position_ids}
-        return logits_of(model(input_ids=input_ids, **kwargs))
+        return model_logits(model, input_ids, position_ids=position_ids)
     batch, q_len = input_ids.shape
     past = 0 if past_key_values is None else past_key_values.get_seq_length()
     if attention_mask is None:
@@ -90,12 +164,8 @@ def denoiser_logits(model, input_ids: Tensor, *, attention_mask: Optional[Tensor
         attention_mask = attention_mask[None, None].expand(batch, 1, *attention_mask.shape)
     if position_ids is None:
         position_ids = torch.arange(past, past + q_len, device=input_ids.device)[None].expand(batch, q_len)
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    if past_key_values is not None:
-        kwargs.update(past_key_values=past_key_values, use_cache=True)
-    else:
-        kwargs.update(use_cache=False)
-    return logits_of(model(**kwargs))
+    return model_logits(model, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past_key_values)
 
 
 def crop_cache(cache, length: int) -> None:
@@ -112,7 +182,7 @@ def new_cache(model):
 
     try:
         return DynamicCache(config=model.config)
-    except TypeError:  # older transformers
+    except (TypeError, AttributeError):  # older transformers, or a model without a config
         return DynamicCache()
 
 

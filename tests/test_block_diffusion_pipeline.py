@@ -3,9 +3,9 @@
 * A 2-layer Qwen3 trained by ``scripts/train_tiny_block_model.py`` to copy its prompt must be
   decoded correctly (>= 95% of tokens) in every attention kind it was trained for; an untrained
   model must fail the same check.
-* LLaDA's ``generate`` loop, re-implemented here from its published algorithm (Gumbel noise,
-  even per-step budget, low_confidence / random remasking, unsupervised CFG), gives the same
-  tokens as the pipeline, greedy and with seeds (its noise drawn from ddiff's Philox streams).
+* LLaDA's ``generate`` loop (tests/upstream/llada.py) gives the same tokens as the pipeline,
+  greedy and with seeds (its noise drawn from ddiff's Philox streams); the other published
+  loops are compared in test_block_diffusion_upstream.py.
 * The KV-cache path gives the same tokens as recomputing the prefix; the torch and triton
   backends give the same tokens; max_new_tokens is honoured exactly; EOS early stop works.
 """
@@ -21,11 +21,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
+from upstream import llada as upstream_llada
+from upstream.harness import llada_noise
 
 from ddiff.pipelines import BlockDiffusionPipeline, BlockDiffusionPipelineOutput
 from ddiff.pipelines.utils import DiscreteDiffusionPipelineOutput
-from ddiff.reference.rng import STREAM_CONFIDENCE, STREAM_TOKEN, exponential_from_uniform, philox_uniform
 
 ASSET = os.path.join(os.path.dirname(__file__), "assets", "tiny_block_copy")
 with open(ASSET + ".json") as _f:
@@ -239,107 +239,8 @@ def test_trained_model_with_text_prompts_and_early_stop():
 
 
 # ---------------------------------------------------------------------------------------------
-# LLaDA's generate, restated
+# LLaDA's generate (tests/upstream/llada.py), greedy and with ddiff's noise
 # ---------------------------------------------------------------------------------------------
-def llada_num_transfer_tokens(mask_index, steps):
-    mask_num = mask_index.sum(dim=1, keepdim=True)
-    base, remainder = mask_num // steps, mask_num % steps
-    out = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
-    for i in range(mask_num.size(0)):
-        out[i, : remainder[i]] += 1
-    return out
-
-
-def llada_gumbel(logits, temperature, exponential):
-    """LLaDA's add_gumbel_noise: exp(logits) / E^T in float64, with E = -log(U) exponential."""
-    if temperature == 0:
-        return logits
-    return logits.to(torch.float64).exp() / exponential.to(torch.float64) ** temperature
-
-
-@torch.no_grad()
-def llada_generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128, temperature=0.0,
-                   cfg_scale=0.0, remasking="low_confidence", mask_id=MASK, exponential_fn=None, uniform_fn=None):
-    """LLaDA's semi-autoregressive sampler. ``exponential_fn(step, block_start, block_end, shape)``
-    and ``uniform_fn(step, block_start, block_end, shape)`` supply its noise (default torch.rand)."""
-    B, P = prompt.shape
-    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long)
-    x[:, :P] = prompt.clone()
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=attention_mask.dtype)], dim=-1)
-    prompt_index = x != mask_id
-    assert gen_length % block_length == 0
-    num_blocks = gen_length // block_length
-    assert steps % num_blocks == 0
-    steps = steps // num_blocks
-    counter = 0
-    for num_block in range(num_blocks):
-        bs, be = P + num_block * block_length, P + (num_block + 1) * block_length
-        num_transfer = llada_num_transfer_tokens(x[:, bs:be] == mask_id, steps)
-        for i in range(steps):
-            mask_index = x == mask_id
-            if cfg_scale > 0.0:
-                un_x = x.clone()
-                un_x[prompt_index] = mask_id
-                am = None if attention_mask is None else torch.cat([attention_mask, attention_mask], dim=0)
-                logits = model(torch.cat([x, un_x], dim=0), attention_mask=am).logits
-                logits, un_logits = torch.chunk(logits, 2, dim=0)
-                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
-            else:
-                logits = model(x, attention_mask=attention_mask).logits
-            if exponential_fn is None:
-                exponential = -torch.log(torch.rand_like(logits, dtype=torch.float64))
-            else:
-                exponential = exponential_fn(counter, bs, be, logits.shape)
-            x0 = torch.argmax(llada_gumbel(logits, temperature, exponential), dim=-1)
-            if remasking == "low_confidence":
-                p = F.softmax(logits.to(torch.float64), dim=-1)
-                x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
-            elif remasking == "random":
-                x0_p = torch.rand(x0.shape, dtype=torch.float64) if uniform_fn is None else \
-                    uniform_fn(counter, bs, be, x0.shape)
-            else:
-                raise NotImplementedError(remasking)
-            x0_p[:, be:] = float("-inf")
-            x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, x0_p, float("-inf"))
-            transfer = torch.zeros_like(x0, dtype=torch.bool)
-            for j in range(confidence.shape[0]):
-                _, select = torch.topk(confidence[j], k=int(num_transfer[j, i]))
-                transfer[j, select] = True
-            x[transfer] = x0[transfer]
-            counter += 1
-    return x
-
-
-def philox_noise(seed: int):
-    """LLaDA noise drawn from ddiff's streams: the pipeline predicts on block-shaped logits, so
-    block position j of row b is noise row ``b * block_len + j`` at offset = global step."""
-
-    def block_rows(bs, be, shape):
-        B, L = shape[0], shape[1]
-        rows = torch.full((B, L), -1, dtype=torch.int64)
-        rows[:, bs:be] = torch.arange(B)[:, None] * (be - bs) + torch.arange(be - bs)[None, :]
-        return rows
-
-    def exponential_fn(step, bs, be, shape):
-        B, L, V = shape
-        e = -torch.log(torch.rand(shape, dtype=torch.float64))
-        rows = block_rows(bs, be, shape)[:, bs:be, None]
-        cols = torch.arange(V)[None, None, :]
-        u = philox_uniform(torch.tensor(seed), step, rows, cols, STREAM_TOKEN)
-        e[:, bs:be] = exponential_from_uniform(u).to(torch.float64)
-        return e
-
-    def uniform_fn(step, bs, be, shape):
-        u = torch.rand(shape, dtype=torch.float64)
-        rows = block_rows(bs, be, shape)[:, bs:be]
-        u[:, bs:be] = philox_uniform(torch.tensor(seed), step, rows, torch.zeros_like(rows), STREAM_CONFIDENCE).double()
-        return u
-
-    return exponential_fn, uniform_fn
-
-
 LLADA_CASES = [
     pytest.param(dict(), id="greedy"),
     pytest.param(dict(cfg_scale=1.5), id="greedy-cfg"),
@@ -360,11 +261,12 @@ def test_matches_llada_generate(case, padded):
         prompt, attention_mask = torch.tensor([[1, 9, 12, 30, 7, 2]]), None
     gen_length, block_length, steps = 16, 8, 8
     seed = case.get("seed")
-    exponential_fn, uniform_fn = philox_noise(seed) if seed is not None else (None, None)
-    expected = llada_generate(model, prompt, attention_mask, steps=steps, gen_length=gen_length,
-                              block_length=block_length, temperature=case.get("temperature", 0.0),
-                              cfg_scale=case.get("cfg_scale", 0.0), remasking=case.get("remasking", "low_confidence"),
-                              exponential_fn=exponential_fn, uniform_fn=uniform_fn)
+    exponential_fn, uniform_fn = llada_noise(seed) if seed is not None else (None, None)
+    expected = upstream_llada.generate(model, prompt, attention_mask, steps=steps, gen_length=gen_length,
+                                       block_length=block_length, temperature=case.get("temperature", 0.0),
+                                       cfg_scale=case.get("cfg_scale", 0.0),
+                                       remasking=case.get("remasking", "low_confidence"), mask_id=MASK,
+                                       exponential_fn=exponential_fn, uniform_fn=uniform_fn)
     pipe = BlockDiffusionPipeline(model, mask_token_id=MASK, attention="bidirectional", attention_mask_format="2d",
                                   backend="torch")
     out = pipe(input_ids=prompt, attention_mask=attention_mask, max_new_tokens=gen_length, block_length=block_length,
@@ -397,7 +299,7 @@ def test_kv_cache_matches_recompute(attention, case):
         pipe = BlockDiffusionPipeline(model, mask_token_id=MASK, attention=attention, use_kv_cache=cache,
                                       backend="torch")
         outs.append(pipe(input_ids=ids, attention_mask=mask, max_new_tokens=11, block_length=4, eos_token_id=3,
-                         eos_early_stop=False, progress=False, **case))
+                         suppress_tokens=[MASK], eos_early_stop=False, progress=False, **case))
     assert outs[0].sequences.tolist() == outs[1].sequences.tolist()
     assert outs[0].nfe == outs[1].nfe and outs[0].steps == outs[1].steps
     assert not (outs[0].sequences == MASK).any()
@@ -467,9 +369,9 @@ def test_max_new_tokens_is_honoured_exactly(attention, max_new_tokens):
     pipe = BlockDiffusionPipeline(model, mask_token_id=MASK, attention=attention, backend="torch")
     ids = torch.tensor([[1, 9, 12, 30, 7, 2], [1, 20, 5, 6, 7, 2]])
     for rule in (dict(steps_per_block=4), dict(threshold=0.5)):
-        # EOS suppressed: early stop on, but it can never trigger
-        out = pipe(input_ids=ids, max_new_tokens=max_new_tokens, block_length=4, eos_token_id=3, suppress_tokens=[3],
-                   progress=False, **rule)
+        # EOS (and the mask id) suppressed: early stop on, but it can never trigger
+        out = pipe(input_ids=ids, max_new_tokens=max_new_tokens, block_length=4, eos_token_id=3,
+                   suppress_tokens=[3, MASK], progress=False, **rule)
         assert out.sequences.shape == (2, max_new_tokens)
         assert not (out.sequences == MASK).any() and not (out.sequences == 3).any()
         assert len(out.block_times) == len(out.block_steps) == -(-(max_new_tokens + (
@@ -477,7 +379,8 @@ def test_max_new_tokens_is_honoured_exactly(attention, max_new_tokens):
 
 
 def test_eos_at_first_generated_position():
-    """EOS as the very first new token stops the row (and the call) with a one-token output."""
+    """EOS as the very first new token stops the row (and the call) with a one-token output, at
+    the step that wrote it (LLaDA2's stop inside a block)."""
     model = ForcedToken(random_model(seed=6), token=3)
     for attention in ("bidirectional", "block_causal"):
         pipe = BlockDiffusionPipeline(model, mask_token_id=MASK, attention=attention, eos_token_id=3,
@@ -486,7 +389,7 @@ def test_eos_at_first_generated_position():
                    progress=False)
         assert out.sequences.tolist() == [[3]]
         assert out.finished.tolist() == [True]
-        assert len(out.block_times) == 1 and out.nfe == 4
+        assert len(out.block_times) == 1 and out.nfe == 1 and out.block_steps == [1]
 
 
 def test_early_stop_rows_finish_independently():

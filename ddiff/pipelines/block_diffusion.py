@@ -1,18 +1,17 @@
 """BlockDiffusionPipeline: prompt-conditioned decoding by confidence remasking, block by block.
 
 One loop covers the decoders of LLaDA (``generate``: semi-autoregressive blocks, whole-sequence
-forward, ``low_confidence`` / ``random`` remasking, unsupervised CFG), Dream (``maskgit_plus``,
-``topk_margin``, ``entropy``, logits shifted by one), Fast-dLLM (threshold and factor parallel
-decoding), SDAR (block-causal, ``low_confidence_static`` / ``_dynamic``), LLaDA2 (threshold,
-``editing_threshold``, ``max_post_steps``) and block refinement of ordinary causal LMs.
+forward, ``low_confidence`` / ``random`` remasking, unsupervised CFG, ``confidence_eos_eot_inf``),
+Dream (``diffusion_generate``: ``origin``, ``maskgit_plus``, ``topk_margin``, ``entropy``,
+``alg_temp``, Dream's ``1 − s/t`` schedule, logits shifted by one), Fast-dLLM (threshold and factor
+parallel decoding), SDAR (block-causal, ``low_confidence_static`` / ``_dynamic``, ``sequential``),
+LLaDA2 (threshold, ``editing_threshold``, ``max_post_steps``, EOS stop inside a block) and block
+refinement of ordinary causal LMs.
 
-The pipeline holds no sampling or selection logic: every step is
-
-1. one model forward (the shapes and attention mask depend on ``attention``),
-2. :func:`ddiff.predict_tokens` on the current block's logits (token and confidence),
-3. :func:`ddiff.select_transfer` (which masked positions to commit; LLaDA's schedule comes
-   from :func:`ddiff.num_transfer_tokens`) and, with ``editing_threshold``,
-   :func:`ddiff.select_edits` (which decoded tokens to re-write).
+The pipeline keeps the model calls, the layout and the callbacks; each step's rule (predict,
+commit, edit) is :meth:`BlockDiffusionScheduler.step`, which calls :mod:`ddiff.ops`, and
+:meth:`BlockDiffusionScheduler.is_done` says when a block is finished. The model is called
+through :func:`ddiff.denoiser.model_logits`.
 
 Attention kinds
 ---------------
@@ -33,14 +32,56 @@ decodes exactly as it would alone. With ``"block_causal"`` / ``"causal"`` blocks
 the columns of the padded batch, so a padded row's block boundaries move by its padding (its
 tokens can differ from a solo run unless the model was trained with varying block alignment).
 
-Host synchronisation: with LLaDA's fixed schedule the loop itself never waits on the device
-within a block; threshold / factor / editing rules check once per step whether the block still
-has masks; EOS early stop and block timing synchronise once per block.
+The mask id
+-----------
+As in every upstream loop, the mask id is predicted like any other token unless it is in
+``suppress_tokens``: a position whose committed prediction is the mask id stays masked. With a
+fixed schedule (LLaDA, Dream) a block may then end with masks left; in ``"bidirectional"`` mode
+they stay candidates in the later blocks (LLaDA's ``mask_index`` covers the whole sequence), in
+the block-causal modes they stay masks (SDAR, LLaDA2), and the output may hold them.
+
+Host synchronisation: LLaDA's and Dream's fixed schedules never wait on the device within a
+block; threshold / factor / editing rules and the partly prompt-filled first block check once
+per step whether the block still has masks; EOS early stop checks once per step; block timing
+(and, in ``"bidirectional"`` mode with the mask id allowed, the search for masks left in earlier
+blocks) synchronises once per block.
+
+Differences from the upstream loops (same tokens otherwise, at temperature 0)
+-----------------------------------------------------------------------------
+* Noise: sampling draws come from ddiff's Philox streams, not ``torch.rand``: the same
+  distributions, not the same draws (LLaDA's float64 Gumbel-max, Dream's / SDAR's
+  ``multinomial``, Dream's ``alg_temp`` multinomial, which is a Gumbel-top-``k`` here).
+* Comparisons: confidences are ranked and thresholded in fp32 (LLaDA's and Fast-dLLM's are
+  float64, Dream's are cast to the model dtype before its top-``k``); among tied confidences
+  the lower position wins (``torch.topk`` leaves it unspecified).
+* Lengths: ``max_new_tokens`` need not be a multiple of ``block_length`` and ``steps_per_block``
+  is per block (LLaDA asserts both and divides a total). SDAR / LLaDA2 generate whole blocks
+  past ``gen_length``; here the last block stops at ``max_new_tokens``, so its tokens match
+  upstream's only when prompt + ``max_new_tokens`` ends on a block boundary.
+* LLaDA: ``confidence_eos_eot_inf`` reproduces upstream's aliasing (EOT loses its confidence
+  always, EOS only at temperature 0).
+* Dream: the count ``int(m · (1 − s/t))`` uses each row's masks (upstream: the batch average,
+  which re-masks decoded tokens when rows differ); Dream applies top-p before top-k (here
+  top-k, then top-p); its entropy adds ``1e-10`` inside the log. A row's top-p keeps a token
+  while the mass above it is below ``top_p`` (transformers; Dream and SDAR: at most ``top_p``),
+  which only differs on exact ties of the cumulative sum.
+* Fast-dLLM: upstream commits confidences ``>= threshold``, ddiff ``> threshold`` (SDAR and
+  LLaDA2 use ``>``). Upstream's ``while True`` never ends when the model keeps predicting the
+  mask id; ddiff stops a threshold / factor block after ``block_length`` steps.
+* SDAR: upstream divides by a temperature of 0 (NaN); here 0 is greedy. When a step's count
+  exceeds the masks left, upstream's ``topk`` also picks non-mask positions and overwrites them
+  (prompt tokens in the first block); ddiff caps the count at the masks left. SDAR runs one
+  more forward per finished block to store its KV cache (not here: ``nfe`` is lower); when
+  masks are left after ``denoising_steps`` (a predicted mask id) upstream raises an
+  ``IndexError``, ddiff leaves them.
+* LLaDA2: the published LLaDA2.0 ``generate`` samples with ``multinomial`` even at temperature
+  0 (it only skips the division); here 0 is greedy, as in diffusers' LLaDA2 pipeline. Its
+  in-step EOS stop returns prompt + tokens, its normal return only tokens; here always only
+  generated tokens. Upstream decodes one prompt at a time; here rows stop independently.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -48,8 +89,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ddiff import ops
 from ddiff._params import sync_checks
+from ddiff.denoiser import crop_cache, model_logits, new_cache
+from ddiff.pipelines.block_diffusion_scheduler import (BlockDiffusionScheduler, BlockDiffusionSchedulerOutput,
+                                                       REMASKING, SCHEDULES)
 from ddiff.pipelines.presets import BlockDiffusionPreset, get_preset
 from ddiff.pipelines.utils import (
     DiscreteDiffusionPipelineOutput,
@@ -69,7 +112,6 @@ __all__ = ["BlockDiffusionPipeline", "BlockDiffusionPipelineOutput"]
 
 ATTENTION_KINDS = ("bidirectional", "block_causal", "causal")
 MASK_FORMATS = ("4d", "4d_bool", "2d")
-REMASKING = {"low_confidence": "prob", "random": "random", "margin": "margin", "entropy": "neg_entropy"}
 CONFIDENCE_FROM = ("raw", "sampling")
 OUTPUT_TYPES = ("text", "ids")
 BACKENDS = ("auto", "torch", "triton")
@@ -92,18 +134,25 @@ class _Block:
     end: int  # one past the last column
 
 
-class _Context:
-    """Per-call decoding state shared by the forward helper."""
+@dataclass
+class _Run:
+    """Per-call decoding state."""
 
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
-
-
-def _crop_cache(cache, length: int) -> None:
-    """Drop cached positions past ``length`` (negative ``crop`` works on old and new transformers)."""
-    remove = cache.get_seq_length() - length
-    if remove > 0:
-        cache.crop(-remove)
+    x: torch.Tensor  # [B, T] the whole sequence
+    prompt_len: int
+    attn: torch.Tensor  # [B(*2), T] padding mask or [B(*2), 1, T, T] attention mask
+    positions: torch.Tensor  # [B(*2), T]
+    prompt_cols: torch.Tensor  # [B, T] bool, real prompt tokens (masked in CFG's unconditional rows)
+    cache: object  # transformers DynamicCache or None
+    logits_shift: bool
+    cfg_scale: float
+    finished: torch.Tensor  # [B] bool, rows stopped at EOS
+    eos: Optional[torch.Tensor]  # [E] int64 or None
+    stop_early: bool
+    mask_suppressed: bool
+    cached_len: int = 0
+    nfe: int = 0
+    step: int = 0
 
 
 class BlockDiffusionPipeline(ProgressBarMixin):
@@ -127,6 +176,10 @@ class BlockDiffusionPipeline(ProgressBarMixin):
             attention already has the wanted pattern (LLaDA; causal LMs).
         use_kv_cache: for ``"block_causal"`` / ``"causal"``: keep committed blocks in a
             ``DynamicCache`` (True) or recompute them every step (False).
+        scheduler: a :class:`BlockDiffusionScheduler` whose config gives the defaults of the
+            rule arguments of ``__call__`` (``schedule``, ``remasking``, ``confidence_from``,
+            ``threshold``, ...; a preset sets Dream's schedule and the families' confidence
+            source). Default: ``BlockDiffusionScheduler()`` (LLaDA's).
 
     Example::
 
@@ -151,6 +204,7 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         logits_shift: bool = False,
         attention_mask_format: str = "4d",
         use_kv_cache: bool = True,
+        scheduler: Optional[BlockDiffusionScheduler] = None,
     ):
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"`attention` must be one of {ATTENTION_KINDS}, got {attention!r}.")
@@ -164,6 +218,8 @@ class BlockDiffusionPipeline(ProgressBarMixin):
             raise TypeError(f"`logits_shift` must be a bool, got {type(logits_shift).__name__}.")
         if not isinstance(use_kv_cache, bool):
             raise TypeError(f"`use_kv_cache` must be a bool, got {type(use_kv_cache).__name__}.")
+        if scheduler is not None and not isinstance(scheduler, BlockDiffusionScheduler):
+            raise TypeError(f"`scheduler` must be a BlockDiffusionScheduler, got {type(scheduler).__name__}.")
         if mask_token_id is None and tokenizer is not None:
             mask_token_id = getattr(tokenizer, "mask_token_id", None)
         if mask_token_id is None:
@@ -186,11 +242,7 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         self.logits_shift = logits_shift
         self.attention_mask_format = attention_mask_format
         self.use_kv_cache = use_kv_cache
-        try:
-            params = inspect.signature(model.forward).parameters
-            self._forward_params = set(params)
-        except (TypeError, ValueError, AttributeError):
-            self._forward_params = {"input_ids", "attention_mask", "position_ids", "past_key_values", "use_cache"}
+        self.scheduler = (scheduler or BlockDiffusionScheduler()).replace(mask_token_id=mask_token_id)
 
     # ------------------------------------------------------------------------------------------
     # construction helpers
@@ -215,11 +267,11 @@ class BlockDiffusionPipeline(ProgressBarMixin):
     ) -> "BlockDiffusionPipeline":
         """Load a checkpoint from a local directory (never downloads: ``local_files_only``).
 
-        ``preset`` supplies the mask / EOS ids, logits shift, attention kind, mask format and the
-        loader class (``AutoModel`` or ``AutoModelForCausalLM``); ``trust_remote_code`` defaults
-        to what the family needs. Further keyword arguments override the preset's pipeline
-        arguments (e.g. ``backend="torch"``).
-    """
+        ``preset`` supplies the mask / EOS ids, logits shift, attention kind, mask format, the
+        scheduler (Dream's schedule) and the loader class (``AutoModel`` or
+        ``AutoModelForCausalLM``); ``trust_remote_code`` defaults to what the family needs.
+        Further keyword arguments override the preset's pipeline arguments (e.g. ``backend="torch"``).
+        """
         if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
             raise ValueError(f"`path` must be a local checkpoint directory (nothing is downloaded), got {path!r}.")
         spec = get_preset(preset) if preset is not None else None
@@ -277,6 +329,9 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         output_type,
         callback_on_step_end,
         progress,
+        schedule=None,
+        selection_temperature=None,
+        confidence_eos_eot_inf=False,
     ) -> None:
         if (prompt is None) == (input_ids is None):
             raise ValueError("pass exactly one of `prompt` and `input_ids`.")
@@ -322,8 +377,17 @@ class BlockDiffusionPipeline(ProgressBarMixin):
             raise ValueError(f"`temperature` must be a number >= 0, got {temperature!r}.")
         if remasking not in REMASKING:
             raise ValueError(f"`remasking` must be one of {tuple(REMASKING)}, got {remasking!r}.")
+        if remasking in ("sequential", "origin") and steps_per_block is None:
+            raise ValueError(f"remasking={remasking!r} commits a scheduled count: give `steps_per_block`.")
         if confidence_from not in CONFIDENCE_FROM:
             raise ValueError(f"`confidence_from` must be one of {CONFIDENCE_FROM}, got {confidence_from!r}.")
+        if schedule is not None and schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}.")
+        if selection_temperature is not None and (not is_real(selection_temperature)
+                                                  or not selection_temperature >= 0):
+            raise ValueError(f"`selection_temperature` must be a number >= 0, got {selection_temperature!r}.")
+        if selection_temperature and steps_per_block is None:
+            raise ValueError("`selection_temperature` samples a scheduled count of positions: give `steps_per_block`.")
         if editing_threshold is not None and not is_real(editing_threshold):
             raise ValueError(f"`editing_threshold` must be a number, got {editing_threshold!r}.")
         if not is_int(max_post_steps) or max_post_steps < 0:
@@ -333,7 +397,8 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         if not is_real(cfg_scale) or not cfg_scale >= 0:
             raise ValueError(f"`cfg_scale` must be a number >= 0, got {cfg_scale!r}.")
         for name, flag in (("logits_shift", logits_shift), ("eos_early_stop", eos_early_stop),
-                           ("use_chat_template", use_chat_template), ("progress", progress)):
+                           ("use_chat_template", use_chat_template), ("progress", progress),
+                           ("confidence_eos_eot_inf", confidence_eos_eot_inf)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}.")
         if seed is not None and generator is not None:
@@ -416,57 +481,115 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         additive = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
         return additive.masked_fill_(~allowed, torch.finfo(dtype).min)
 
-    def _forward(self, ctx, x: torch.Tensor, block: _Block) -> torch.Tensor:
-        """Logits ``[B, L_block, V]`` for the generated columns of ``block`` (shifted, guided)."""
-        shift = 1 if ctx.logits_shift else 0
-        src = torch.arange(block.start - shift, block.end - shift, device=x.device)
+    def _forward(self, run: _Run, block: _Block, start_col: int, end_col: int) -> torch.Tensor:
+        """Logits ``[B, end_col - start_col, V]`` for generated columns of ``block`` (shifted, guided)."""
+        shift = 1 if run.logits_shift else 0
         if self.attention == "bidirectional":
-            start, end = 0, x.shape[1]
-        elif ctx.cache is not None:
-            start, end = ctx.cached_len, block.end
+            start, end = 0, run.x.shape[1]
+        elif run.cache is not None:
+            start, end = run.cached_len, block.end
         else:
             start, end = 0, block.end
-        ids = x[:, start:end]
-        if ctx.cfg:
-            uncond = torch.where(ctx.prompt_cols[:, start:end], self.mask_token_id, ids)
+        ids = run.x[:, start:end]
+        if run.cfg_scale > 0:
+            uncond = torch.where(run.prompt_cols[:, start:end], self.mask_token_id, ids)
             ids = torch.cat([ids, uncond], dim=0)
-        kwargs = {"input_ids": ids}
         if self.attention_mask_format == "2d":
-            kwargs["attention_mask"] = ctx.attn[:, :end]
+            mask = run.attn[:, :end]
         else:
-            kwargs["attention_mask"] = ctx.attn[:, :, start:end, :end]
-        if "position_ids" in self._forward_params:
-            kwargs["position_ids"] = ctx.positions[:, start:end]
-        if ctx.cache is not None:
-            kwargs["past_key_values"] = ctx.cache
-            kwargs["use_cache"] = True
-        elif "use_cache" in self._forward_params:
-            kwargs["use_cache"] = False
-        keep = src - start
-        kept = "logits_to_keep" in self._forward_params
-        if kept:
-            kwargs["logits_to_keep"] = keep
-        out = self.model(**kwargs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        ctx.nfe += 1
-        if not kept:
-            logits = logits[:, keep]
-        if ctx.cache is not None:
-            keep_len = min(block.attn_start, block.start - shift)
-            _crop_cache(ctx.cache, keep_len)
-            ctx.cached_len = keep_len
-        if ctx.cfg:
+            mask = run.attn[:, :, start:end, :end]
+        keep = torch.arange(start_col - shift - start, end_col - shift - start, device=ids.device)
+        logits = model_logits(self.model, ids, attention_mask=mask, position_ids=run.positions[:, start:end],
+                              past_key_values=run.cache, logits_to_keep=keep)
+        run.nfe += 1
+        if run.cache is not None:
+            run.cached_len = min(block.attn_start, block.start - shift)
+            crop_cache(run.cache, run.cached_len)
+        if run.cfg_scale > 0:
             cond, uncond = logits.chunk(2, dim=0)
-            logits = uncond + (ctx.cfg_scale + 1) * (cond - uncond)
+            logits = uncond + (run.cfg_scale + 1) * (cond - uncond)
         return logits
 
-    def _new_cache(self):
-        from transformers import DynamicCache
+    # ------------------------------------------------------------------------------------------
+    # the denoising loop
+    # ------------------------------------------------------------------------------------------
+    def _window_start(self, run: _Run, block: _Block) -> int:
+        """First column the block's steps cover: the block, or (``"bidirectional"``, mask id
+        allowed) the first earlier column still masked, which LLaDA's top-k keeps as a candidate."""
+        if self.attention != "bidirectional" or run.mask_suppressed or block.start <= run.prompt_len:
+            return block.start
+        left = run.x[:, run.prompt_len:block.start] == self.mask_token_id
+        if run.stop_early:
+            left &= ~run.finished[:, None]
+        cols = left.any(dim=0)
+        if not bool(cols.any()):
+            return block.start
+        return run.prompt_len + int(cols.to(torch.int8).argmax())
 
-        try:
-            return DynamicCache(config=self.model.config)
-        except (TypeError, AttributeError):
-            return DynamicCache()
+    def _candidates(self, run: _Run, start_col: int, end_col: int):
+        """``(masked, generated)`` of the columns: masks that may be committed and positions the
+        step may touch (None: all); rows that stopped at EOS are frozen."""
+        masked = run.x[:, start_col:end_col] == self.mask_token_id
+        if not run.stop_early:
+            return masked, None
+        active = ~run.finished[:, None]
+        return masked & active, active.expand_as(masked)
+
+    def _eos_rows(self, run: _Run, end_col: int, *, decoded_prefix: bool) -> torch.Tensor:
+        """``[B]`` rows whose generated tokens up to ``end_col`` hold an EOS (with no mask before
+        the first one, when ``decoded_prefix``)."""
+        gen = run.x[:, run.prompt_len:end_col]
+        is_eos = torch.isin(gen, run.eos)
+        has = is_eos.any(dim=1)
+        if not decoded_prefix:
+            return has
+        first = torch.where(has, is_eos.to(torch.int8).argmax(dim=1), gen.shape[1])
+        cols = torch.arange(gen.shape[1], device=gen.device)[None, :]
+        return has & ~((gen == self.mask_token_id) & (cols < first[:, None])).any(dim=1)
+
+    def _stopped_in_step(self, run: _Run, out: BlockDiffusionSchedulerOutput, end_col: int) -> bool:
+        """LLaDA2's stop inside a block: a row whose step wrote an EOS, with every generated
+        position before its first EOS decoded, is finished; True once every row is."""
+        wrote_eos = (torch.isin(out.tokens, run.eos) & (out.transfer_index | out.edit_index)).any(dim=1)
+        run.finished |= wrote_eos & self._eos_rows(run, end_col, decoded_prefix=True)
+        return bool(run.finished.all())
+
+    def _callback(self, run: _Run, callback, step_in_block: int, out: BlockDiffusionSchedulerOutput, start_col: int,
+                  end_col: int) -> bool:
+        """Run ``callback_on_step_end``; True when it replaced ``x``."""
+        if callback is None:
+            return False
+        returned = run_callback(callback, self, run.step, step_in_block, {
+            "x": run.x, "tokens": out.tokens, "confidence": out.confidence, "transfer_index": out.transfer_index,
+            "edit_index": out.edit_index, "block_start": start_col, "block_end": end_col,
+        })
+        if "x" not in returned:
+            return False
+        run.x = returned["x"]
+        return True
+
+    def _denoise_block(self, run: _Run, scheduler: BlockDiffusionScheduler, block: _Block,
+                       steps_per_block: Optional[int], step_kwargs: dict, callback) -> int:
+        """Decode one block; returns the number of steps it took."""
+        start_col, end_col = self._window_start(run, block), block.end
+        columns = block.end - block.attn_start
+        steps = min(steps_per_block, columns) if steps_per_block is not None else None
+        scheduler.set_timesteps(steps, columns, num_masked=block.end - block.start)
+        i, out, x_changed = 0, None, False
+        while True:
+            masked, generated = self._candidates(run, start_col, end_col)
+            if scheduler.is_done(i, masked, out, x_changed=x_changed):
+                break
+            logits = self._forward(run, block, start_col, end_col)
+            out = scheduler.step(logits, run.x[:, start_col:end_col], masked, i, generated=generated,
+                                 offset=run.step, **step_kwargs)
+            run.x[:, start_col:end_col] = out.x
+            x_changed |= self._callback(run, callback, i, out, start_col, end_col)
+            run.step += 1
+            i += 1
+            if run.stop_early and self._stopped_in_step(run, out, end_col):
+                break
+        return i
 
     # ------------------------------------------------------------------------------------------
     # call
@@ -484,12 +607,12 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
         min_p: Optional[float] = None,
-        remasking: str = "low_confidence",
-        confidence_from: str = "raw",
+        remasking: Optional[str] = None,
+        confidence_from: Optional[str] = None,
         threshold: Optional[float] = None,
         factor: Optional[float] = None,
         editing_threshold: Optional[float] = None,
-        max_post_steps: int = 0,
+        max_post_steps: Optional[int] = None,
         cfg_scale: float = 0.0,
         logits_shift: bool = False,
         suppress_tokens: Union[int, Sequence[int], torch.Tensor, None] = None,
@@ -501,8 +624,17 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         output_type: str = "text",
         callback_on_step_end: Optional[Callable] = None,
         progress: bool = True,
+        schedule: Optional[str] = None,
+        selection_temperature: Optional[float] = None,
+        confidence_eos_eot_inf: bool = False,
     ) -> BlockDiffusionPipelineOutput:
         r"""Generate ``max_new_tokens`` tokens after each prompt.
+
+        The rule arguments (``remasking``, ``confidence_from``, ``threshold``, ``factor``,
+        ``editing_threshold``, ``max_post_steps``, ``schedule``, ``selection_temperature``)
+        default to the pipeline scheduler's config (``BlockDiffusionScheduler()``: LLaDA's
+        schedule, ``"low_confidence"``, ``"raw"``, no threshold; the presets set Dream's schedule
+        and the families' confidence source).
 
         Args:
             prompt: a string or a list of strings (tokenised with left padding), or
@@ -510,14 +642,17 @@ class BlockDiffusionPipeline(ProgressBarMixin):
             attention_mask: ``[B, P]`` 0/1, left padding only (zeros first).
             max_new_tokens: exactly this many positions are generated (fewer are returned only
                 when every row stopped at EOS).
-            block_length: tokens per block; the last block may be shorter.
-            steps_per_block: denoising steps per block, with LLaDA's even budget
-                (:func:`ddiff.num_transfer_tokens`). With ``threshold`` too: SDAR's
-                ``low_confidence_dynamic`` / LLaDA2 (all above the threshold if at least the
-                budget passes, else the budget's top-k).
+            block_length: tokens per block; the last block may be shorter. Dream decodes the
+                whole answer as one block: ``block_length >= max_new_tokens``.
+            steps_per_block: denoising steps per block; the schedule gives each step's count.
+                With ``threshold`` too: SDAR's ``low_confidence_dynamic`` / LLaDA2 (all above
+                the threshold if at least the count passes, else the count's top-k).
             temperature, top_k, top_p, min_p: sampling (:func:`ddiff.predict_tokens`); 0 is greedy.
-            remasking: ``"low_confidence"`` (probability of the token), ``"random"``,
-                ``"margin"`` (top-1 minus top-2) or ``"entropy"`` (negative entropy).
+            remasking: ``"low_confidence"`` (probability of the token; Dream ``maskgit_plus``),
+                ``"random"``, ``"margin"`` (top-1 minus top-2: Dream ``topk_margin``),
+                ``"entropy"`` (negative entropy: Dream ``entropy``), ``"sequential"`` (SDAR:
+                left to right from the first mask) or ``"origin"`` (Dream: each mask revealed
+                with probability ``1 − s/t``).
             confidence_from: ``"raw"`` (softmax of the logits: LLaDA, Fast-dLLM) or
                 ``"sampling"`` (the tempered, filtered distribution: Dream, SDAR, LLaDA2).
             threshold: commit every masked token whose confidence exceeds it (at least one):
@@ -530,37 +665,63 @@ class BlockDiffusionPipeline(ProgressBarMixin):
                 unconditional rows): ``uncond + (cfg_scale + 1) * (cond - uncond)``.
             logits_shift: predict position i from the output at i - 1 (Dream). Forced on when the
                 pipeline was built with ``logits_shift=True`` (e.g. the Dream preset).
-            suppress_tokens: ids never generated (the mask id is always suppressed).
+            suppress_tokens: ids never generated. The mask id is allowed unless listed here, as
+                in the upstream loops (module docstring); LLaDA's ``logits_eos_inf`` is
+                ``suppress_tokens=[126081]``.
             eos_token_id: EOS id(s); default the pipeline's (preset), then the tokenizer's.
-            eos_early_stop: after a block, rows whose output holds an EOS (with everything before
-                it decoded) stop; once all rows stopped, decoding ends and ``sequences`` is cut
-                after the last EOS (shorter rows padded).
+            eos_early_stop: a row stops as soon as a step writes an EOS with every generated
+                position before the first EOS decoded (LLaDA2), or at the end of a block holding
+                such an EOS (block-causal modes: any EOS, as SDAR and LLaDA2); once every row
+                stopped, decoding ends and ``sequences`` is cut after the first EOS (shorter rows
+                padded). The tokens up to the first EOS are those of a run without the stop
+                (except with editing, which a stop also ends).
             seed: one seed for the whole call; step ``i`` draws with ``offset=i``. Or
             generator: a ``torch.Generator`` each op call draws its seed from.
             use_chat_template: wrap string prompts in the tokenizer's chat template.
             output_type: ``"text"`` (also decode) or ``"ids"``.
             callback_on_step_end: ``fn(pipe, step, step_in_block, callback_kwargs) -> dict``;
                 ``callback_kwargs`` holds ``x`` (the whole sequence), ``tokens``, ``confidence``,
-                ``transfer_index`` and ``edit_index`` (shaped like the block's generated columns
+                ``transfer_index`` and ``edit_index`` (shaped like the step's columns
                 ``x[:, block_start:block_end]``) and the ints ``block_start`` / ``block_end``; a
                 returned ``"x"`` replaces the sequence (other returned keys are ignored; with a KV
                 cache, changes to already committed blocks are not seen by the model).
             progress: show a tqdm bar over blocks (see ``set_progress_bar_config``).
+            schedule: ``"llada"`` (even split of the block) or ``"dream"`` (Dream's
+                ``int(m · (1 − s/t))``); see :class:`BlockDiffusionScheduler`.
+            selection_temperature: Dream's ``alg_temp``: sample the committed positions without
+                replacement from ``softmax(confidence / τ)`` instead of taking the top-k.
+            confidence_eos_eot_inf: LLaDA's flag: the EOS ids lose their confidence (their
+                probability is removed from the distribution the confidence is measured under).
+                As upstream's aliasing does, at temperature > 0 the first EOS id (LLaDA's
+                ``<|endoftext|>``) keeps its confidence and only the others lose it.
 
         Returns:
             :class:`BlockDiffusionPipelineOutput`.
         """
+        config = self.scheduler.config
+        remasking = config["remasking"] if remasking is None else remasking
+        confidence_from = config["confidence_from"] if confidence_from is None else confidence_from
+        threshold = config["threshold"] if threshold is None else threshold
+        factor = config["factor"] if factor is None else factor
+        editing_threshold = config["editing_threshold"] if editing_threshold is None else editing_threshold
+        max_post_steps = config["max_post_steps"] if max_post_steps is None else max_post_steps
+        selection_temperature = (config["selection_temperature"] if selection_temperature is None
+                                 else selection_temperature)
         self.check_inputs(
             prompt, input_ids, attention_mask, max_new_tokens, block_length, steps_per_block, temperature,
             remasking, confidence_from, threshold, factor, editing_threshold, max_post_steps, cfg_scale,
             logits_shift, eos_early_stop, seed, generator, use_chat_template, output_type, callback_on_step_end,
-            progress,
+            progress, schedule, selection_temperature, confidence_eos_eot_inf,
+        )
+        scheduler = self.scheduler.replace(
+            schedule=schedule or config["schedule"], remasking=remasking, confidence_from=confidence_from,
+            threshold=threshold, factor=factor, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
+            selection_temperature=selection_temperature,
         )
         eos_ids = token_id_list(eos_token_id, "eos_token_id") or self.eos_token_ids
         if not eos_ids and self.tokenizer is not None:
             eos_ids = token_id_list(getattr(self.tokenizer, "eos_token_id", None), "eos_token_id")
-        suppress = token_id_list(suppress_tokens, "suppress_tokens")
-        suppress = [self.mask_token_id] + [i for i in dict.fromkeys(suppress) if i != self.mask_token_id]
+        suppress = list(dict.fromkeys(token_id_list(suppress_tokens, "suppress_tokens")))
         logits_shift = logits_shift or self.logits_shift
         device = self._execution_device
 
@@ -576,125 +737,90 @@ class BlockDiffusionPipeline(ProgressBarMixin):
             raise ValueError(f"{what} needs {total} positions but the model's context is {context} tokens.")
         x, valid = self.prepare_latents(ids, valid, max_new_tokens)
 
-        # 2. layout
+        # 2. layout and per-call state
         blocks = self._blocks(prompt_len, total, block_length)
-        cfg = cfg_scale > 0
-        attn = self._attention_masks(valid, block_length, model_dtype(self.model))
-        positions = (valid.to(torch.int64).cumsum(1) - 1).clamp_(min=0)
-        prompt_cols = (torch.arange(total, device=device)[None, :] < prompt_len) & valid
-        if cfg:
-            attn = torch.cat([attn, attn], dim=0)
-            positions = torch.cat([positions, positions], dim=0)
-        cache = self._new_cache() if self.attention != "bidirectional" and self.use_kv_cache else None
-        ctx = _Context(cache=cache, cached_len=0, nfe=0, logits_shift=logits_shift, cfg=cfg, cfg_scale=cfg_scale,
-                       attn=attn, positions=positions, prompt_cols=prompt_cols)
-        eos_t = torch.tensor(eos_ids, dtype=torch.int64, device=device) if eos_ids else None
-        suppress_t = torch.tensor(suppress, dtype=torch.int64, device=device)
-        predict_kwargs = dict(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, confidence=REMASKING[remasking],
-            confidence_from=confidence_from, suppress_tokens=suppress_t, generator=generator, backend=self.backend,
-        )
-        fixed_schedule = threshold is None and factor is None and editing_threshold is None
-        stop_early = eos_early_stop and eos_t is not None
+        run = self._prepare_run(x, valid, prompt_len, block_length, logits_shift, cfg_scale, eos_ids, suppress,
+                                eos_early_stop)
+        step_kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           suppress_tokens=torch.tensor(suppress, dtype=torch.int64, device=device) if suppress else None,
+                           confidence_suppress_tokens=self._confidence_suppress(confidence_eos_eot_inf, eos_ids,
+                                                                                temperature, device),
+                           seed=seed, generator=generator, backend=self.backend)
 
-        # 3. denoising loop
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        step = 0
+        # 3. denoising loop. The ops' value checks would wait for the device at every step;
+        # invalid rows come back as token -1 instead, and one check after the loop raises.
         block_times: list[float] = []
         block_steps: list[int] = []
         overrides = {} if progress else {"disable": True}  # never written back: the user's config survives
         bar = self.progress_bar(total=len(blocks), defaults={"desc": "blocks"}, **overrides)
-        # The ops' value checks would wait for the device at every step; invalid rows come back
-        # as token -1 instead, and one check after the loop turns them into the usual error.
         with sync_checks(False):
             try:
                 for block in blocks:
                     started = time.perf_counter()
-                    s, e = block.start, block.end
-                    active = ~finished if stop_early else None
-                    masked = x[:, s:e] == self.mask_token_id
-                    if active is not None:
-                        masked &= active[:, None]
-                    n_steps = min(steps_per_block, e - s) if steps_per_block is not None else 0
-                    schedule = ops.num_transfer_tokens(masked, n_steps) if n_steps else None
-                    gen = torch.ones_like(masked) if active is None else active[:, None].expand_as(masked)
-                    i = post = 0
-                    rebound = False  # a callback replaced x: the fixed schedule may end early
-                    limit = (e - s) + n_steps + max_post_steps + 1
-                    while i < limit:
-                        if fixed_schedule:
-                            if i >= n_steps or (rebound and not bool(masked.any())):
-                                break
-                            any_masked = True
-                        else:
-                            any_masked = bool(masked.any())
-                            if not any_masked:
-                                if editing_threshold is None or post >= max_post_steps:
-                                    break
-                                post += 1
-                        logits = self._forward(ctx, x, block)
-                        pred_mask = masked if editing_threshold is None else gen
-                        tokens, conf = ops.predict_tokens(
-                            logits, pred_mask, seed=seed, offset=step, **predict_kwargs
-                        )
-                        current = x[:, s:e]
-                        if any_masked:
-                            if factor is not None:
-                                rule = {"factor": factor}
-                            elif schedule is not None:
-                                rule = {"num_transfer": schedule[:, min(i, n_steps - 1)], "threshold": threshold}
-                            else:
-                                rule = {"threshold": threshold}
-                            commit = ops.select_transfer(conf, masked, backend=self.backend, **rule)
-                        else:
-                            commit = torch.zeros_like(masked)
-                        edits = None
-                        if editing_threshold is not None:
-                            editable = gen & ~masked
-                            edits = ops.select_edits(tokens, conf, current, editable, editing_threshold)
-                            update = commit | edits
-                        else:
-                            update = commit
-                        x[:, s:e] = torch.where(update, tokens, current)
-                        masked = masked & ~commit
-                        if callback_on_step_end is not None:
-                            out = run_callback(callback_on_step_end, self, step, i, {
-                                "x": x, "tokens": tokens, "confidence": conf, "transfer_index": commit,
-                                "edit_index": edits if edits is not None else torch.zeros_like(commit),
-                                "block_start": s, "block_end": e,
-                            })
-                            if "x" in out:
-                                x, rebound = out["x"], True
-                                masked = x[:, s:e] == self.mask_token_id
-                                if active is not None:
-                                    masked &= active[:, None]
-                        step += 1
-                        i += 1
-                        if not any_masked and not bool(edits.any()):
-                            break
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    block_times.append(time.perf_counter() - started)
-                    block_steps.append(i)
+                    block_steps.append(self._denoise_block(run, scheduler, block, steps_per_block, step_kwargs,
+                                                           callback_on_step_end))
+                    block_times.append(self._elapsed(started, device))
                     bar.update(1)
-                    if stop_early:
-                        finished |= torch.isin(x[:, prompt_len:e], eos_t).any(dim=1)
-                        if bool(finished.all()):
-                            break
+                    if run.stop_early and self._finished_after_block(run, block):
+                        break
             finally:
                 bar.close()
-        if bool((x == -1).any()):
+        if bool((run.x == -1).any()):
             raise ValueError("the model produced logits with NaN or +inf (or an all -inf row after "
                              "`suppress_tokens`) at a decoded position.")
+        return self._outputs(run, eos_ids, max_new_tokens, output_type, block_times, block_steps)
 
-        # 4. outputs
-        generated = x[:, prompt_len:]
-        if eos_t is not None:
-            is_eos = torch.isin(generated, eos_t)
+    # ------------------------------------------------------------------------------------------
+    # call helpers
+    # ------------------------------------------------------------------------------------------
+    def _prepare_run(self, x, valid, prompt_len, block_length, logits_shift, cfg_scale, eos_ids, suppress,
+                     eos_early_stop) -> _Run:
+        device = x.device
+        attn = self._attention_masks(valid, block_length, model_dtype(self.model))
+        positions = (valid.to(torch.int64).cumsum(1) - 1).clamp_(min=0)
+        prompt_cols = (torch.arange(x.shape[1], device=device)[None, :] < prompt_len) & valid
+        if cfg_scale > 0:
+            attn = torch.cat([attn, attn], dim=0)
+            positions = torch.cat([positions, positions], dim=0)
+        cache = new_cache(self.model) if self.attention != "bidirectional" and self.use_kv_cache else None
+        eos = torch.tensor(eos_ids, dtype=torch.int64, device=device) if eos_ids else None
+        return _Run(x=x, prompt_len=prompt_len, attn=attn, positions=positions, prompt_cols=prompt_cols,
+                    cache=cache, logits_shift=logits_shift, cfg_scale=cfg_scale,
+                    finished=torch.zeros(x.shape[0], dtype=torch.bool, device=device), eos=eos,
+                    stop_early=eos_early_stop and eos is not None, mask_suppressed=self.mask_token_id in suppress)
+
+    @staticmethod
+    def _confidence_suppress(enabled: bool, eos_ids: list[int], temperature, device) -> Optional[torch.Tensor]:
+        """LLaDA's ``confidence_eos_eot_inf``: upstream's ``logits_with_noise[..., EOS] =
+        logits[..., EOT] = -inf`` hits ``logits`` twice only at temperature 0 (where
+        ``logits_with_noise`` is ``logits``)."""
+        if not enabled or not eos_ids:
+            return None
+        ids = eos_ids if temperature == 0 or len(eos_ids) == 1 else eos_ids[1:]
+        return torch.tensor(ids, dtype=torch.int64, device=device)
+
+    def _finished_after_block(self, run: _Run, block: _Block) -> bool:
+        """Mark rows stopped at EOS after a block; True once every row is."""
+        # block-causal modes never revisit an earlier block, so an EOS ends the row (SDAR,
+        # LLaDA2); bidirectional blocks can still fill masks left before it
+        run.finished |= self._eos_rows(run, block.end, decoded_prefix=self.attention == "bidirectional")
+        return bool(run.finished.all())
+
+    @staticmethod
+    def _elapsed(started: float, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    def _outputs(self, run: _Run, eos_ids, max_new_tokens, output_type, block_times, block_steps):
+        generated = run.x[:, run.prompt_len:]
+        batch, device = generated.shape[0], generated.device
+        if run.eos is not None:
+            is_eos = torch.isin(generated, run.eos)
             has_eos = is_eos.any(dim=1)
         else:
             has_eos = torch.zeros(batch, dtype=torch.bool, device=device)
-        if stop_early:
+        if run.stop_early:
             first = torch.where(has_eos, is_eos.to(torch.int64).argmax(dim=1), max_new_tokens)
             stop = torch.where(has_eos, first + 1, max_new_tokens)
             length = stop.max().item()
@@ -708,6 +834,6 @@ class BlockDiffusionPipeline(ProgressBarMixin):
             sequences = generated.clone()
         texts = decode_sequences(self.tokenizer, sequences) if output_type == "text" else None
         return BlockDiffusionPipelineOutput(
-            sequences=sequences, texts=texts, nfe=ctx.nfe, steps=step, block_times=block_times,
+            sequences=sequences, texts=texts, nfe=run.nfe, steps=run.step, block_times=block_times,
             finished=has_eos, block_steps=block_steps,
         )

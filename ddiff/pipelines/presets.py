@@ -3,8 +3,11 @@
 Each preset records what a family's own decoding code hard-wires: the mask and EOS token ids,
 whether logits are shifted by one position, the attention pattern, the form of attention mask
 its modeling code accepts, whether the checkpoint needs ``trust_remote_code``, and the loader
-class. ``recommended`` holds the family's usual ``__call__`` arguments (a starting point, not
-defaults: the pipeline's own defaults stay in ``__call__``).
+class, and the scheduler settings that are part of the family's decoder rather than a tuning
+choice: the token-count schedule (``"dream"`` for Dream's ``1 − s/t``, ``"llada"`` for the
+others) and the distribution its confidence is measured under. ``recommended`` holds the
+family's usual ``__call__`` arguments (a starting point, not defaults: the pipeline's own
+defaults stay in ``__call__``).
 
 Sources (the families' public reference code):
 
@@ -15,7 +18,9 @@ Sources (the families' public reference code):
 * Dream (``Dream-org/Dream-v0-*-7B``): ``generation_utils.py``: ``mask_token_id`` 151666,
   logits shifted right by one (``torch.cat([logits[:, :1], logits[:, :-1]], 1)``), a 4-D bool
   mask when prompts are padded; EOS / pad ``<|endoftext|>`` 151643, ``<|im_end|>`` 151645.
-  Confidence is measured under the sampling distribution (``confidence_from="sampling"``).
+  Confidence is measured under the sampling distribution (``confidence_from="sampling"``); the
+  number of masks a step commits is ``int(m · (1 − s/t))`` on ``linspace(1, 1e-3, steps + 1)``
+  (``schedule="dream"``). Dream decodes the whole answer as one block.
 * SDAR (``JetLM/SDAR-*-Chat``): ``JetAstra/SDAR`` ``generate.py``: block-causal attention
   with blocks aligned to absolute positions, ``low_confidence_dynamic`` with threshold 0.9 and
   ``block_length = denoising_steps = 4``; ``<|MASK|>`` 151669, ``<|endoftext|>`` 151643,
@@ -47,10 +52,20 @@ class BlockDiffusionPreset:
     model_class: str
     recommended: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    schedule: str = "llada"
+    confidence_from: str = "raw"
+
+    def scheduler(self):
+        """The family's :class:`~ddiff.pipelines.block_diffusion_scheduler.BlockDiffusionScheduler`."""
+        from ddiff.pipelines.block_diffusion_scheduler import BlockDiffusionScheduler
+
+        return BlockDiffusionScheduler(schedule=self.schedule, confidence_from=self.confidence_from,
+                                       mask_token_id=self.mask_token_id)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``BlockDiffusionPipeline(model, tokenizer, **kwargs)``."""
         return {
+            "scheduler": self.scheduler(),
             "mask_token_id": self.mask_token_id,
             "attention": self.attention,
             "eos_token_id": self.eos_token_id,
@@ -76,6 +91,8 @@ PRESETS: dict[str, BlockDiffusionPreset] = {
     ),
     "dream": BlockDiffusionPreset(
         name="dream",
+        schedule="dream",
+        confidence_from="sampling",
         mask_token_id=151666,
         eos_token_id=(151643, 151645),
         logits_shift=True,
@@ -84,11 +101,13 @@ PRESETS: dict[str, BlockDiffusionPreset] = {
         use_kv_cache=False,
         trust_remote_code=True,
         model_class="AutoModel",
-        recommended={"remasking": "entropy", "confidence_from": "sampling", "temperature": 0.2, "top_p": 0.95},
+        recommended={"remasking": "entropy", "temperature": 0.2, "top_p": 0.95, "max_new_tokens": 512,
+                     "block_length": 512, "steps_per_block": 512},
         source="github.com/DreamLM/Dream generation_utils.py",
     ),
     "sdar": BlockDiffusionPreset(
         name="sdar",
+        confidence_from="sampling",
         mask_token_id=151669,
         eos_token_id=(151643, 151645),
         logits_shift=False,
@@ -97,11 +116,12 @@ PRESETS: dict[str, BlockDiffusionPreset] = {
         use_kv_cache=False,
         trust_remote_code=True,
         model_class="AutoModelForCausalLM",
-        recommended={"block_length": 4, "steps_per_block": 4, "threshold": 0.9, "confidence_from": "sampling"},
+        recommended={"block_length": 4, "steps_per_block": 4, "threshold": 0.9},
         source="github.com/JetAstra/SDAR generate.py; JetLM/SDAR-1.7B-Chat added_tokens.json",
     ),
     "llada2": BlockDiffusionPreset(
         name="llada2",
+        confidence_from="sampling",
         mask_token_id=156895,
         eos_token_id=(156892,),
         logits_shift=False,
@@ -110,7 +130,7 @@ PRESETS: dict[str, BlockDiffusionPreset] = {
         use_kv_cache=False,
         trust_remote_code=True,
         model_class="AutoModelForCausalLM",
-        recommended={"block_length": 32, "steps_per_block": 32, "threshold": 0.95, "confidence_from": "sampling"},
+        recommended={"block_length": 32, "steps_per_block": 32, "threshold": 0.95},
         source="huggingface.co/inclusionAI/LLaDA2.0-mini modeling_llada2_moe.py generate()",
     ),
 }
