@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
 from torch.library import custom_op, triton_op
 
 from ddiff._backend import launch_wrapper, resolve_backend
-from ddiff._params import RngArgs, check_logits, check_range, eager, rng_args, row_param, rows_of, seed_rows
+from ddiff._checks import (check_bool, check_choice, check_device, check_dtype, check_logits, check_range,
+                           check_shape, check_tensor, check_token_id, eager, is_int, is_integer_dtype, is_real,
+                           row_param)
+from ddiff._params import RngArgs, rng_args, seed_rows
 from ddiff.ops.sampling import (
     _filter_params,
     _filters_active,
@@ -17,15 +19,8 @@ from ddiff.ops.sampling import (
     check_top_p_mode,
     flag_invalid_rows,
 )
-from ddiff.reference.decoding import (
-    CONFIDENCE_KINDS,
-    masked_invalid_rows,
-    mdlm_step_reference,
-    predict_tokens_reference,
-    udlm_choose,
-    udlm_step_reference,
-    unmask_probability,
-)
+from ddiff.reference.decoding import CONFIDENCE_KINDS, udlm_choose, unmask_probability
+from ddiff.torch_fast import decoding as torch_fast
 
 Tensor = torch.Tensor
 CONFIDENCE_FROM = ("raw", "sampling")
@@ -36,16 +31,6 @@ CONFIDENCE_FROM = ("raw", "sampling")
 # ---------------------------------------------------------------------------------------------
 
 
-def _rows_params(logits, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value, min_p,
-                 min_p_value, seed, seed_value, offset):
-    rows, device = logits.shape[0], logits.device
-    return (rows_of(temperature, temperature_value, rows, torch.float32, device),
-            rows_of(top_k, top_k_value, rows, torch.int64, device),
-            rows_of(top_p, top_p_value, rows, torch.float32, device),
-            rows_of(min_p, min_p_value, rows, torch.float32, device),
-            seed_rows(RngArgs(seed, seed_value, offset), rows, device))
-
-
 @custom_op("ddiff::predict_tokens_torch", mutates_args=())
 def _predict_torch(
     logits: Tensor, mask: Optional[Tensor], suppress: Optional[Tensor],
@@ -54,16 +39,14 @@ def _predict_torch(
     seed: Optional[Tensor], seed_value: int, offset: int, confidence: str, confidence_from: str,
     top_p_mode: str, confidence_suppress: Optional[Tensor], return_argmax: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    temp, k, p, m, seeds = _rows_params(logits, temperature, temperature_value, top_k, top_k_value, top_p,
-                                        top_p_value, min_p, min_p_value, seed, seed_value, offset)
-    bad = masked_invalid_rows(logits, mask, temp, suppress)
+    # ddiff.torch_fast computes ddiff.reference.decoding's tokens with fewer passes.
+    tokens, conf, argmax, bad = torch_fast.predict_tokens(
+        logits, mask, suppress, (temperature, temperature_value), (top_k, top_k_value), (top_p, top_p_value),
+        (min_p, min_p_value), (seed, seed_value), offset, confidence=confidence, confidence_from=confidence_from,
+        top_p_mode=top_p_mode, confidence_suppress=confidence_suppress, return_argmax=return_argmax)
     _raise_invalid_rows(bad)
-    out = predict_tokens_reference(logits, mask, temp, k, p, m, seeds, offset, confidence=confidence,
-                                   confidence_from=confidence_from, suppress_ids=suppress, top_p_mode=top_p_mode,
-                                   confidence_suppress_ids=confidence_suppress, return_argmax=return_argmax)
-    tokens, conf = flag_invalid_rows(bad, out[0], out[1])
-    argmax = torch.where(bad, -1, out[2]) if return_argmax else tokens.new_empty(0)
-    return tokens, conf, argmax
+    tokens, conf = flag_invalid_rows(bad, tokens, conf)
+    return tokens, conf, torch.where(bad, -1, argmax) if return_argmax else tokens.new_empty(0)
 
 
 def _fake_predict(logits, *args):
@@ -99,17 +82,13 @@ def _mdlm_torch(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t: Tensor
                 temperature: Optional[Tensor], temperature_value: float, top_k: Optional[Tensor], top_k_value: int,
                 top_p: Optional[Tensor], top_p_value: float, min_p: Optional[Tensor], min_p_value: float,
                 top_p_mode: str, seed: Optional[Tensor], seed_value: int, offset: int) -> Tensor:
-    rows, device = logits.shape[0], logits.device
-    temp = rows_of(temperature, temperature_value, rows, torch.float32, device)
-    masked = x_t == mask_token_id
-    bad = masked_invalid_rows(logits, masked, temp, torch.tensor([mask_token_id], device=device))
+    # Only the masked rows whose posterior coin reveals them are read (as in the kernel); an
+    # invalid revealed row stays masked.
+    x_s, bad = torch_fast.mdlm_step(logits, x_t, mask_token_id, alpha_t, alpha_s, (temperature, temperature_value),
+                                    (top_k, top_k_value), (top_p, top_p_value), (min_p, min_p_value),
+                                    (seed, seed_value), offset, top_p_mode)
     _raise_invalid_rows(bad)
-    x_s = mdlm_step_reference(logits, x_t, mask_token_id, alpha_t, alpha_s, temp,
-                               rows_of(top_p, top_p_value, rows, torch.float32, device),
-                               seed_rows(RngArgs(seed, seed_value, offset), rows, device), offset,
-                               top_k=rows_of(top_k, top_k_value, rows, torch.int64, device),
-                               min_p=rows_of(min_p, min_p_value, rows, torch.float32, device), top_p_mode=top_p_mode)
-    return torch.where(bad, x_t, x_s)  # as the kernel does: an invalid row is never revealed
+    return x_s
 
 
 @_mdlm_torch.register_fake
@@ -137,10 +116,9 @@ def _mdlm_triton(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t: Tenso
 @custom_op("ddiff::udlm_step_torch", mutates_args=())
 def _udlm_torch(logits: Tensor, x_t: Tensor, alpha_t: Tensor, alpha_s: Tensor, seed: Optional[Tensor],
                 seed_value: int, offset: int) -> Tensor:
-    rows, device = logits.shape[0], logits.device
-    _raise_invalid_rows(masked_invalid_rows(logits, None, torch.ones(rows, device=device)))
-    return udlm_step_reference(logits, x_t, alpha_t, alpha_s, seed_rows(RngArgs(seed, seed_value, offset), rows, device),
-                               offset)
+    x_s, bad = torch_fast.udlm_step(logits, x_t, alpha_t, alpha_s, (seed, seed_value), offset)
+    _raise_invalid_rows(bad)
+    return x_s
 
 
 @_udlm_torch.register_fake
@@ -167,42 +145,28 @@ def _udlm_triton(logits: Tensor, x_t: Tensor, alpha_t: Tensor, alpha_s: Tensor, 
 
 
 def _check_positions(name: str, tensor, shape, device, *, dtype_kind: str) -> Tensor:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(tensor).__name__}.")
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"`{name}` must have shape {tuple(shape)} (the logits' leading dims), got {tuple(tensor.shape)}.")
-    if tensor.device != device:
-        raise ValueError(f"`{name}` is on {tensor.device} but the logits are on {device}.")
-    if dtype_kind == "bool" and tensor.dtype != torch.bool:
-        raise TypeError(f"`{name}` must be a bool tensor, got {tensor.dtype}.")
-    if dtype_kind == "int" and (tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.is_complex()):
-        raise TypeError(f"`{name}` must hold integer token ids, got {tensor.dtype}.")
+    check_tensor(name, tensor)
+    check_shape(name, tensor, shape, "the logits' leading dims")
+    check_device(name, tensor, device)
+    check_dtype(name, tensor, dtype_kind)
     return tensor.reshape(-1)
-
-
-def _check_token_id(name: str, value, vocab: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
-    if not 0 <= value < vocab:
-        raise ValueError(f"`{name}` must lie in [0, {vocab}), got {value}.")
-    return value
 
 
 def _check_suppress(suppress_tokens, vocab: int, device, name: str = "suppress_tokens") -> Optional[Tensor]:
     if suppress_tokens is None:
         return None
     if isinstance(suppress_tokens, torch.Tensor):
-        if suppress_tokens.dtype.is_floating_point or suppress_tokens.dtype == torch.bool:
+        if not is_integer_dtype(suppress_tokens.dtype):
             raise TypeError(f"`{name}` must hold integer ids, got {suppress_tokens.dtype}.")
         ids = suppress_tokens.reshape(-1).to(device=device, dtype=torch.int64)
         out_of_range = eager() and ids.numel() and bool(((ids < 0) | (ids >= vocab)).any())
     else:
-        values = [suppress_tokens] if isinstance(suppress_tokens, numbers.Integral) else suppress_tokens
+        values = [suppress_tokens] if is_int(suppress_tokens) else suppress_tokens
         try:
             values = list(values)
         except TypeError:
             raise TypeError(f"`{name}` must be an int, a sequence of ints or an integer tensor.") from None
-        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in values):
+        if not all(is_int(i) for i in values):
             raise TypeError(f"`{name}` must hold ints.")
         out_of_range = any(not 0 <= i < vocab for i in values)  # checked on the host values: no sync
         ids = torch.tensor(values, dtype=torch.int64, device=device)
@@ -219,10 +183,8 @@ def _alpha_rows(name: str, value, x_shape, device) -> Tensor:
     for d in x_shape:
         rows *= d
     if isinstance(value, torch.Tensor):
-        if not value.dtype.is_floating_point:
-            raise TypeError(f"`{name}` must be a float or a float tensor, got a {value.dtype} tensor.")
-        if value.device != device:
-            raise ValueError(f"`{name}` is on {value.device} but the logits are on {device}.")
+        check_dtype(name, value, "float")
+        check_device(name, value, device)
         if value.dim() == 0:
             out = value.reshape(1).expand(rows)
         elif len(x_shape) >= 1 and tuple(value.shape) == (x_shape[0],):
@@ -233,7 +195,7 @@ def _alpha_rows(name: str, value, x_shape, device) -> Tensor:
             raise ValueError(f"`{name}` must be a scalar, a [B] tensor or have x_t's shape {tuple(x_shape)}, "
                              f"got {tuple(value.shape)}.")
         return out.to(torch.float32).contiguous()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"`{name}` must be a float or a float tensor, got {type(value).__name__}.")
     return torch.full((rows,), float(value), dtype=torch.float32, device=device)
 
@@ -329,10 +291,8 @@ def predict_tokens(logits: Tensor, mask: Optional[Tensor] = None, temperature=0.
     logits2d = check_logits(logits)
     rows, vocab = logits2d.shape
     device = logits.device
-    if confidence not in CONFIDENCE_KINDS:
-        raise ValueError(f"`confidence` must be one of {CONFIDENCE_KINDS}, got {confidence!r}.")
-    if confidence_from not in CONFIDENCE_FROM:
-        raise ValueError(f"`confidence_from` must be one of {CONFIDENCE_FROM}, got {confidence_from!r}.")
+    check_choice("confidence", confidence, CONFIDENCE_KINDS)
+    check_choice("confidence_from", confidence_from, CONFIDENCE_FROM)
     mask_rows = None if mask is None else _check_positions("mask", mask, logits.shape[:-1], device, dtype_kind="bool")
     temp = row_param("temperature", temperature, rows, device, integer=False, default=0.0)
     check_range("temperature", temp[0], temp[1], 0.0, None)
@@ -340,8 +300,7 @@ def predict_tokens(logits: Tensor, mask: Optional[Tensor] = None, temperature=0.
     top_p_mode = check_top_p_mode(top_p_mode)
     suppress = _check_suppress(suppress_tokens, vocab, device)
     conf_suppress = _check_suppress(confidence_suppress_tokens, vocab, device, name="confidence_suppress_tokens")
-    if not isinstance(return_argmax, bool):
-        raise TypeError(f"`return_argmax` must be a bool, got {type(return_argmax).__name__}.")
+    check_bool("return_argmax", return_argmax)
     rng = rng_args(seed, offset, generator, rows, device)
     impl = resolve_backend(backend, logits)
 
@@ -391,7 +350,7 @@ def mdlm_step(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t, alpha_s,
     logits2d, x_rows, a_t, a_s = _posterior_inputs(logits, x_t, alpha_t, alpha_s)
     rows, vocab = logits2d.shape
     device = logits.device
-    mask_token_id = _check_token_id("mask_token_id", mask_token_id, vocab)
+    mask_token_id = check_token_id("mask_token_id", mask_token_id, vocab)
     temp = row_param("temperature", temperature, rows, device, integer=False, default=1.0)
     check_range("temperature", temp[0], temp[1], 0.0, None)
     k, p, m = _filter_params(top_k, top_p, min_p, rows, device)

@@ -8,8 +8,10 @@ import torch
 from torch.library import custom_op, triton_op
 
 from ddiff._backend import launch_wrapper, resolve_backend
-from ddiff._params import RngArgs, check_logits, check_range, eager, rng_args, row_param, rows_of, seed_rows
-from ddiff.reference.sampling import TOP_P_MODES, filter_logits_reference, invalid_rows, sample_reference
+from ddiff._checks import check_bool, check_choice, check_logits, check_range, eager, row_param
+from ddiff._params import rng_args
+from ddiff.reference.sampling import TOP_P_MODES
+from ddiff.torch_fast import sampling as torch_fast
 
 Tensor = torch.Tensor
 
@@ -40,16 +42,11 @@ def _sample_torch(
     min_p: Optional[Tensor], min_p_value: float, seed: Optional[Tensor], seed_value: int, offset: int,
     top_p_mode: str,
 ) -> tuple[Tensor, Tensor]:
-    rows, device = logits.shape[0], logits.device
-    temp = rows_of(temperature, temperature_value, rows, torch.float32, device)
-    bad = invalid_rows(logits, temp)
+    # ddiff.torch_fast computes ddiff.reference.sampling's tokens with fewer passes.
+    tokens, probs, bad = torch_fast.sample(logits, (temperature, temperature_value), (top_k, top_k_value),
+                                           (top_p, top_p_value), (min_p, min_p_value), (seed, seed_value), offset,
+                                           top_p_mode)
     _raise_invalid_rows(bad)
-    seeds = seed_rows(RngArgs(seed, seed_value, offset), rows, device)
-    tokens, probs = sample_reference(
-        logits, temp, rows_of(top_k, top_k_value, rows, torch.int64, device),
-        rows_of(top_p, top_p_value, rows, torch.float32, device),
-        rows_of(min_p, min_p_value, rows, torch.float32, device), seeds, offset, top_p_mode=top_p_mode,
-    )
     return flag_invalid_rows(bad, tokens, probs)
 
 
@@ -79,13 +76,10 @@ def _sample_triton(
 @custom_op("ddiff::filter_logits_torch", mutates_args=())
 def _filter_torch(logits: Tensor, top_k: Optional[Tensor], top_k_value: int, top_p: Optional[Tensor],
                   top_p_value: float, min_p: Optional[Tensor], min_p_value: float, top_p_mode: str) -> Tensor:
-    rows, device = logits.shape[0], logits.device
-    _raise_invalid_rows(invalid_rows(logits, torch.ones(rows, device=device)))
-    return filter_logits_reference(
-        logits, rows_of(top_k, top_k_value, rows, torch.int64, device),
-        rows_of(top_p, top_p_value, rows, torch.float32, device),
-        rows_of(min_p, min_p_value, rows, torch.float32, device), top_p_mode,
-    )
+    filtered, bad = torch_fast.filter_logits(logits, (top_k, top_k_value), (top_p, top_p_value), (min_p, min_p_value),
+                                             top_p_mode)
+    _raise_invalid_rows(bad)
+    return filtered
 
 
 @_filter_torch.register_fake
@@ -120,9 +114,7 @@ def _filter_params(top_k, top_p, min_p, rows: int, device):
 
 
 def check_top_p_mode(top_p_mode) -> str:
-    if not isinstance(top_p_mode, str) or top_p_mode not in TOP_P_MODES:
-        raise ValueError(f"`top_p_mode` must be one of {TOP_P_MODES}, got {top_p_mode!r}.")
-    return top_p_mode
+    return check_choice("top_p_mode", top_p_mode, TOP_P_MODES)
 
 
 def _filters_active(k, p, m, vocab: int) -> bool:
@@ -236,8 +228,7 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
     check_range("temperature", temp[0], temp[1], 0.0, None)
     k, p, m = _filter_params(top_k, top_p, min_p, rows, device)
     top_p_mode = check_top_p_mode(top_p_mode)
-    if not isinstance(return_probs, bool):
-        raise TypeError(f"`return_probs` must be a bool, got {type(return_probs).__name__}.")
+    check_bool("return_probs", return_probs)
     rng = rng_args(seed, offset, generator, rows, device)
     impl = resolve_backend(backend, logits)
 

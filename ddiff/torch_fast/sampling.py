@@ -1,0 +1,359 @@
+"""Fast torch path of ``sample`` and ``filter_logits``: the reference's tokens, fewer passes.
+
+How it differs from ``ddiff.reference.sampling`` (which defines the results):
+
+* **Filters as one threshold.** top-k, top-p (both modes) and min-p each keep an upper set of
+  the logit order, so the kept set of a row is ``x >= theta``. ``theta`` comes from the sorted
+  head of the row given by ``torch.topk``, doubled until every active filter's boundary lies
+  inside it (a full sort only when the head would pass ``V / 4``). The cumulative masses are
+  the reference's, prefix for prefix: the same ``cumsum`` over the same values. A top-p row
+  without top-k needs its total mass: summed in float64 where the device has it (CPU, CUDA;
+  equal to the reference's sorted-order sum up to rounding of the last fp32 bit), in fp32 on
+  MPS.
+* **One padded tempered copy.** ``z = x / T`` is written once into a ``[n, tiles * 1024]``
+  buffer whose tail is ``-inf`` (the reference's padded layout, so its tile log-sum-exps are
+  bit-identical), filtered in place, and serves the tile race, the token race, the greedy
+  argmax and the normaliser of the probabilities.
+* **Invalid rows** (NaN or +inf after tempering, or all ``-inf``) are the rows whose maximum is
+  not finite: no separate ``isnan`` / ``isinf`` passes.
+* **Philox** (``ddiff.torch_fast.rng``) only for the ``tiles`` tile draws and the 1024 columns of
+  the winning tile of each non-greedy row.
+* Host decisions (is any row greedy, is any filter active, how long a head to take) read
+  Python scalars, or per-row tensors on CPU, where reading costs no device sync; on other
+  devices the general path runs without reading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ddiff.reference.rng import NOISE_TILE, STREAM_TILE, STREAM_TOKEN
+from ddiff.torch_fast import rng
+
+Tensor = torch.Tensor
+Param = tuple  # (per-row tensor [R] or None, python scalar), as the ops pass them
+NEG_INF = float("-inf")
+
+
+def host_readable(tensor: Tensor) -> bool:
+    """Reading this tensor's values costs no device sync."""
+    return tensor.device.type == "cpu"
+
+
+def _host_scalar(param: Param):
+    """The parameter's value when it is a Python scalar (known on the host), else None."""
+    return param[1] if param[0] is None else None
+
+
+class RowParams:
+    """Per-row sampling parameters of ``n`` rows, kept as Python scalars where they are scalars.
+
+    ``column(name)`` gives an ``[n]`` tensor; the host flags (``all_greedy`` ...) read the
+    scalars, or per-row tensors on CPU, and are ``None`` ("unknown") where reading would
+    need a device sync.
+    """
+
+    def __init__(self, rows: int, vocab: int, device, temperature: Param, top_k: Param, top_p: Param,
+                 min_p: Param, seed: Param, *, top_p_mode: str = "inclusive", row_ids: Optional[Tensor] = None):
+        self.rows, self.vocab, self.device, self.top_p_mode = rows, vocab, torch.device(device), top_p_mode
+        self.params = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
+        seed_tensor, seed_value = seed
+        self.seed = seed_value if seed_tensor is None else seed_tensor.to(torch.int64)
+        self._row_ids = row_ids
+
+    def select(self, picked: Tensor) -> "RowParams":
+        """The parameters of the rows ``picked`` (their noise keeps their original row ids)."""
+        seed = self.seed
+        if isinstance(seed, Tensor) and seed.numel() > 1:
+            seed = seed[picked]
+        params = {k: (v[0][picked], v[1]) if v[0] is not None else v for k, v in self.params.items()}
+        return RowParams(picked.shape[0], self.vocab, self.device, params["temperature"], params["top_k"],
+                         params["top_p"], params["min_p"], (seed if isinstance(seed, Tensor) else None, seed),
+                         top_p_mode=self.top_p_mode, row_ids=self.row_ids[picked])
+
+    @property
+    def row_ids(self) -> Tensor:
+        if self._row_ids is None:
+            self._row_ids = torch.arange(self.rows, device=self.device)
+        return self._row_ids
+
+    def column(self, name: str) -> Tensor:
+        tensor, scalar = self.params[name]
+        dtype = torch.int64 if name == "top_k" else torch.float32
+        if tensor is not None:
+            return tensor.to(dtype)
+        return torch.full((self.rows,), scalar, dtype=dtype, device=self.device)
+
+    def _host(self, name: str, test) -> Optional[bool]:
+        """Does ``test`` hold for any row? (None: unknown without a device sync.)"""
+        tensor, scalar = self.params[name]
+        if tensor is None:
+            return bool(test(scalar))
+        if not host_readable(tensor) or tensor.numel() == 0:
+            return None if tensor.numel() else False
+        return bool(test(tensor).any())
+
+    def any_greedy(self) -> Optional[bool]:
+        return self._host("temperature", lambda t: t == 0)
+
+    def all_greedy(self) -> Optional[bool]:
+        hot = self._host("temperature", lambda t: t != 0)
+        return None if hot is None else not hot
+
+    def unit_temperature(self) -> bool:
+        """Every row is divided by exactly 1 (temperature 1, or greedy)."""
+        return self._host("temperature", lambda t: (t != 0) & (t != 1)) is False
+
+    def any_filter(self) -> Optional[bool]:
+        flags = [self._host("top_k", lambda k: (k > 0) & (k < self.vocab)), self._host("top_p", lambda p: p < 1),
+                 self._host("min_p", lambda m: m > 0)]
+        if any(flags):
+            return True
+        return None if None in flags else False
+
+    def tempering(self) -> Tensor:
+        """fp32 ``[n]`` divisors of the logits: the temperature, 1 for greedy rows."""
+        tensor, scalar = self.params["temperature"]
+        if tensor is None:
+            return torch.full((self.rows,), scalar if scalar != 0 else 1.0, dtype=torch.float32, device=self.device)
+        t = tensor.to(torch.float32)
+        return torch.where(t == 0, torch.ones_like(t), t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Filters: one threshold per row
+# ---------------------------------------------------------------------------------------------
+
+
+def _float64_ok(device) -> bool:
+    return torch.device(device).type != "mps"
+
+
+def filter_threshold(x: Tensor, t: Tensor, params: RowParams) -> Tensor:
+    """fp32 ``[n]`` threshold: the kept set of row r is ``x[r] >= theta[r]`` (``-inf``: no filter).
+
+    Equal to the set ``ddiff.reference.sampling.keep_mask`` keeps (up to the last fp32 bit of a
+    top-p total mass without top-k, see the module docstring).
+    """
+    n, vocab = x.shape
+    top_k, top_p, min_p = params.column("top_k"), params.column("top_p"), params.column("min_p")
+    k_act = (top_k > 0) & (top_k < vocab)
+    p_act = top_p < 1
+    m_act = min_p > 0
+    theta = torch.full((n,), NEG_INF, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return theta
+    readable = host_readable(x)
+    if readable and not bool((k_act | p_act | m_act).any()):
+        return theta
+
+    p_only = p_act & ~k_act
+    total = None
+    if not readable or bool(p_only.any()):
+        # Total mass of a top-p row without top-k: the sum of exp(z - max z) over the row.
+        z = x.float() / t[:, None]
+        z_max = z.amax(-1, keepdim=True)
+        e = torch.exp(z - z_max)
+        acc = torch.float64 if _float64_ok(x.device) else torch.float32
+        total = e.sum(-1, dtype=acc).to(torch.float32)
+
+    k_eff = torch.where(k_act, top_k, torch.zeros_like(top_k))
+    if readable:
+        head = max(int(k_eff.max()) + 16, 64)
+    else:
+        head = vocab
+    while True:
+        head = min(head, vocab)
+        if head > vocab // 4:
+            head = vocab
+        vals, _ = torch.topk(x, head, dim=-1)
+        theta, done = _head_threshold(vals.float(), t, top_p, min_p, params.top_p_mode, k_act, p_act, m_act, k_eff,
+                                      total, head == vocab)
+        if head == vocab or not readable or bool(done.all()):
+            return theta
+        head *= 2
+
+
+def _head_threshold(vals: Tensor, t: Tensor, top_p: Tensor, min_p: Tensor, mode: str, k_act, p_act, m_act, k_eff,
+                    total, whole: bool):
+    """Thresholds from the sorted head ``vals`` [n, K] of each row, and whether the head sufficed."""
+    head = vals.shape[1]
+    kth = vals.gather(-1, (k_eff.clamp(1, head) - 1)[:, None]).squeeze(-1)
+    theta_k = torch.where(k_act, kth, torch.full_like(kth, NEG_INF))
+    # Every token tied with the k-th is kept: count them, so top-p sees the whole top-k set.
+    kept_k = torch.where(k_act[:, None], vals >= kth[:, None], torch.ones_like(vals, dtype=torch.bool))
+    ties_inside = ~k_act | (vals[:, -1] < kth) | whole
+
+    z_head = vals / t[:, None]
+    e = torch.exp(z_head - z_head[:, :1])
+    e_kept = torch.where(kept_k, e, torch.zeros_like(e))
+    mass = e_kept.cumsum(-1)
+    if total is None:
+        total_rows = mass[:, -1]
+    else:
+        total_rows = torch.where(k_act, mass[:, -1], total)
+    target = top_p[:, None] * total_rows[:, None]
+    if mode == "inclusive":
+        first = (mass >= target).int().argmax(-1)
+        theta_p = vals.gather(-1, first[:, None]).squeeze(-1)
+        p_inside = (mass[:, -1:] >= target).squeeze(-1)
+    else:
+        # BD3LM: mass strictly above a token (its tie group's exclusive cumsum) plus its own.
+        group_start = torch.searchsorted(-vals, -vals, side="left")
+        above = (mass - e_kept).gather(-1, group_start)
+        fits = (above + e_kept <= target) | (vals == vals[:, :1])
+        count = fits.sum(-1)
+        theta_p = vals.gather(-1, (count - 1).clamp_min(0)[:, None]).squeeze(-1)
+        p_inside = count < head
+    theta_p = torch.where(p_act, theta_p, torch.full_like(theta_p, NEG_INF))
+
+    passes_m = e >= min_p[:, None]
+    count_m = passes_m.sum(-1)
+    theta_m = vals.gather(-1, (count_m - 1).clamp_min(0)[:, None]).squeeze(-1)
+    theta_m = torch.where(m_act, theta_m, torch.full_like(theta_m, NEG_INF))
+    m_inside = count_m < head
+
+    theta = torch.maximum(torch.maximum(theta_k, theta_p), theta_m)
+    # The head suffices when each active filter's boundary lies inside it. A min-p boundary
+    # below the head matters only without top-k / top-p, whose boundaries are inside and higher.
+    done = whole | (
+        (~(k_act & p_act) | ties_inside) & (~(p_act & ~k_act) | p_inside) & (~(m_act & ~k_act & ~p_act) | m_inside)
+    )
+    return theta, done
+
+
+# ---------------------------------------------------------------------------------------------
+# The padded tempered logits and their tile statistics
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tiles:
+    """``z = filter(x / T)`` in the reference's padded layout and its per-tile statistics."""
+
+    zp: Tensor  # fp32 [n, tiles * NOISE_TILE]; columns >= V and filtered entries are -inf
+    tile_max: Tensor  # fp32 [n, tiles]
+    lse: Tensor  # fp32 [n, tiles]: log-sum-exp of each tile (-inf for an empty tile)
+    vocab: int
+
+    @property
+    def tiles(self) -> int:
+        return self.zp.shape[1] // NOISE_TILE
+
+    @property
+    def row_max(self) -> Tensor:
+        return self.tile_max.amax(-1)
+
+    def bad(self) -> Tensor:
+        """NaN / +inf after tempering, or nothing left: the row maximum is not finite."""
+        return ~torch.isfinite(self.row_max)
+
+    def log_norm(self) -> Tensor:
+        """log sum(exp(z)) over each row (finite rows), from the tile log-sum-exps."""
+        return torch.logsumexp(self.lse, -1)
+
+    def prob_of(self, tokens: Tensor) -> Tensor:
+        """fp32 probability of ``tokens`` under softmax(z)."""
+        z_tok = self.zp.gather(-1, tokens.clamp(0, self.vocab - 1)[:, None]).squeeze(-1)
+        return torch.exp(z_tok - self.log_norm())
+
+
+def tempered_tiles(x: Tensor, t: Tensor, theta: Optional[Tensor], *, unit_temperature: bool = False,
+                   suppress: Optional[Tensor] = None) -> Tiles:
+    """Write ``x / t`` into the padded buffer, drop ``x < theta`` and the ``suppress`` columns,
+    and take the tile statistics."""
+    n, vocab = x.shape
+    tiles = -(-vocab // NOISE_TILE)
+    zp = torch.empty((n, tiles * NOISE_TILE), dtype=torch.float32, device=x.device)
+    if tiles * NOISE_TILE > vocab:
+        zp[:, vocab:] = NEG_INF
+    z = zp[:, :vocab]
+    if unit_temperature:
+        z.copy_(x)
+    else:
+        torch.div(x, t[:, None], out=z)
+    if theta is not None:
+        z.masked_fill_(x < theta[:, None], NEG_INF)
+    if suppress is not None and suppress.numel():
+        zp.index_fill_(1, suppress, NEG_INF)
+    view = zp.view(n, tiles, NOISE_TILE)
+    return Tiles(zp, view.amax(-1), torch.logsumexp(view, -1), vocab)
+
+
+# ---------------------------------------------------------------------------------------------
+# The hierarchical Gumbel race
+# ---------------------------------------------------------------------------------------------
+
+
+def race(tiles: Tiles, params: RowParams, offset: int, *, greedy: Optional[Tensor], all_greedy: bool) -> Tensor:
+    """int64 [n] tokens: the reference's tile race and in-tile race; greedy rows take the first argmax."""
+    n = tiles.zp.shape[0]
+    device = tiles.zp.device
+    num_tiles, vocab = tiles.tiles, tiles.vocab
+    width = min(NOISE_TILE, vocab)
+    first_max_tile = None if greedy is None and not all_greedy else tiles.tile_max.argmax(-1)
+    if all_greedy:
+        tile = first_max_tile
+    else:
+        noise = rng.gumbel(params.seed, offset, params.row_ids, torch.arange(num_tiles, device=device), STREAM_TILE)
+        tile = (tiles.lse + noise.to(device)).argmax(-1)
+        if greedy is not None:
+            tile = torch.where(greedy, first_max_tile, tile)
+    start = tile * NOISE_TILE
+    if n == 1 and host_readable(tile):
+        first = int(start)
+        z_tile = tiles.zp[:, first:first + width]
+    else:
+        view = tiles.zp.view(n, num_tiles, NOISE_TILE)
+        z_tile = view.gather(1, tile[:, None, None].expand(n, 1, NOISE_TILE)).view(n, NOISE_TILE)[:, :width]
+    if all_greedy:
+        return start + z_tile.argmax(-1)
+    cols = start[:, None] + torch.arange(width, device=device)
+    scores = z_tile + rng.gumbel(params.seed, offset, params.row_ids, cols, STREAM_TOKEN).to(device)
+    if greedy is not None:
+        scores = torch.where(greedy[:, None], z_tile, scores)
+    return start + scores.argmax(-1)
+
+
+def sample_rows(x: Tensor, params: RowParams, offset: int) -> tuple[Tensor, Tiles]:
+    """Tokens of the rows of ``x`` (any float dtype, [n, V]) and the tile statistics they came from."""
+    t = params.tempering()
+    theta = filter_threshold(x, t, params) if params.any_filter() is not False else None
+    all_greedy = params.all_greedy() is True
+    tiles = tempered_tiles(x, t, theta, unit_temperature=params.unit_temperature())
+    greedy = None if all_greedy or params.any_greedy() is False else params.column("temperature") == 0
+    return race(tiles, params, offset, greedy=greedy, all_greedy=all_greedy), tiles
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops' torch paths
+# ---------------------------------------------------------------------------------------------
+
+
+def sample(logits2d: Tensor, temperature: Param, top_k: Param, top_p: Param, min_p: Param, seed: Param, offset: int,
+           top_p_mode: str = "inclusive") -> tuple[Tensor, Tensor, Tensor]:
+    """``(tokens, probs, bad)`` of ``ddiff.sample`` for [R, V] logits; invalid rows are flagged, not fixed."""
+    rows, vocab = logits2d.shape
+    device = logits2d.device
+    if rows == 0:
+        empty = torch.empty(0, device=device)
+        return empty.long(), empty, empty.bool()
+    params = RowParams(rows, vocab, device, temperature, top_k, top_p, min_p, seed, top_p_mode=top_p_mode)
+    tokens, tiles = sample_rows(logits2d, params, offset)
+    return tokens, tiles.prob_of(tokens), tiles.bad()
+
+
+def filter_logits(logits2d: Tensor, top_k: Param, top_p: Param, min_p: Param,
+                  top_p_mode: str = "inclusive") -> tuple[Tensor, Tensor]:
+    """``(filtered logits, bad)`` of ``ddiff.filter_logits`` for [R, V] logits."""
+    rows, vocab = logits2d.shape
+    device = logits2d.device
+    bad = ~torch.isfinite(logits2d.amax(-1)) if vocab else torch.zeros(rows, dtype=torch.bool, device=device)
+    if rows == 0:
+        return logits2d.clone(), bad
+    params = RowParams(rows, vocab, device, (None, 1.0), top_k, top_p, min_p, (None, 0), top_p_mode=top_p_mode)
+    theta = filter_threshold(logits2d, torch.ones(rows, dtype=torch.float32, device=device), params)
+    return logits2d.masked_fill(logits2d < theta[:, None], NEG_INF), bad
