@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ddiff.training.bd3lm import BD3LM
+from ddiff.training.block_refinement import BLOCK_REFINEMENT
 from ddiff.training.dflash import DFLASH
+from ddiff.training.hybrid import HYBRID
 from ddiff.training.loop import add_common_arguments, run
 from ddiff.training.token_diffusion_recipes import MDLM, UDLM
 
-RECIPES = {recipe.name: recipe for recipe in (MDLM, UDLM, DFLASH)}
+RECIPES = {recipe.name: recipe for recipe in (MDLM, UDLM, HYBRID, BD3LM, BLOCK_REFINEMENT, DFLASH)}
 
 
 def build_parser() -> argparse.ArgumentParser:
