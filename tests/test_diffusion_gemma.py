@@ -302,7 +302,7 @@ GENERATE_CASES = {
     "stability_2": dict(max_new_tokens=16, max_denoising_steps=20, entropy_bound=100.0, confidence_threshold=10.0,
                         stability_threshold=2),
     # the defaults' bound: one or two tokens accepted per step, every step runs
-    "defaults": dict(max_new_tokens=12, max_denoising_steps=6, entropy_bound=0.1, t_min=0.4, t_max=0.8,
+    "defaults": dict(max_new_tokens=8, max_denoising_steps=6, entropy_bound=0.1, t_min=0.4, t_max=0.8,
                      stability_threshold=1, confidence_threshold=0.005),
     "mid_bound": dict(max_new_tokens=8, max_denoising_steps=8, entropy_bound=3.0, t_min=0.2, t_max=1.5,
                       confidence_threshold=4.0, stability_threshold=1),
@@ -352,7 +352,8 @@ def test_generate_bf16_model_matches_transformers(model, prompt):
 
 
 def test_generate_runs_end_to_end_on_triton():
-    """Kept tiny: the Triton interpreter runs the fused row kernel on CPU."""
+    """Kept tiny: the Triton interpreter runs the fused row kernel on CPU. (Sampling on Triton
+    draws what the torch backend draws: ``test_step_backends_agree``.)"""
     small = tiny_diffusion_gemma(canvas_length=4)
     ids = torch.randint(3, 96, (1, 3), generator=torch.Generator().manual_seed(2))
     kwargs = dict(max_new_tokens=4, max_denoising_steps=3, entropy_bound=0.5, confidence_threshold=10.0,
@@ -363,10 +364,6 @@ def test_generate_runs_end_to_end_on_triton():
     got, got_steps = ddiff_generate_counting(small, ids, entropy_bound=bound, seed=SEED, do_sample=False,
                                              backend="triton", **kwargs)
     assert got_steps == want_steps and torch.equal(got.sequences, want.sequences)
-    kwargs["max_denoising_steps"] = 2
-    sampled = {b: ddg.generate(small, ids, entropy_bound=bound, seed=7, backend=b, **kwargs).sequences
-               for b in BACKENDS}
-    assert torch.equal(sampled["torch"], sampled["triton"])
 
 
 def test_generate_samples_reproducibly(model, prompt):
