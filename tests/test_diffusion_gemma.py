@@ -421,3 +421,30 @@ def test_generate_bad_arguments(model, prompt, kwargs, err, match):
 def test_generate_needs_a_diffusion_gemma_model(prompt):
     with pytest.raises(TypeError, match="DiffusionGemma"):
         ddg.generate(torch.nn.Linear(2, 2), prompt)
+
+
+def test_step_divides_the_model_logits_in_place(model, prompt, monkeypatch):
+    """The processed logits are the model's own output buffer (no [B, L, V] copy for the
+    temperature), and they are what the next step gets as self-conditioning input."""
+    outputs, step_inputs, sc_inputs = [], [], []
+    real_forward = model.forward
+
+    def forward(*args, **kwargs):
+        if kwargs.get("decoder_input_ids") is not None:
+            sc_inputs.append(kwargs.get("self_conditioning_logits"))
+        out = real_forward(*args, **kwargs)
+        outputs.append(out.logits.data_ptr())
+        return out
+
+    real_step = ddg.entropy_bound_step
+
+    def step(logits, **kwargs):
+        step_inputs.append(logits.data_ptr())
+        return real_step(logits, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(ddg, "entropy_bound_step", step)
+    ddg.generate(model, prompt, max_new_tokens=8, max_denoising_steps=3, seed=0, backend="torch")
+    decoder_outputs = outputs[-3:]  # the three decoder calls (the encoder prefill comes first)
+    assert step_inputs == decoder_outputs
+    assert sc_inputs[0] is None and [t.data_ptr() for t in sc_inputs[1:]] == decoder_outputs[:2]

@@ -308,7 +308,7 @@ def _ddiff_denoising_step(self, decoder_forward, current_canvas, argmax_canvas, 
         # transformers' `scores / temperature`, bit for bit; in place on the model's fresh fp32
         # logits, except when the decoder is a compiled (CUDA-graph) callable owning its output.
         processed = logits
-        in_place = decoder_forward is self.forward
+        in_place = decoder_forward == self.forward  # bound methods compare equal, never identical
         for proc in schedule:
             temperature = proc.t_min + ((proc.t_max - proc.t_min) * (cur_step_t / proc.max_denoising_steps))
             processed = processed.div_(temperature) if in_place else processed / temperature
