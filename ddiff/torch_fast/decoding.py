@@ -95,7 +95,7 @@ def predict_rows(x: Tensor, params: RowParams, offset: int, *, suppress: Optiona
     if need_x:
         x = _suppressed(x, suppress, owned)
         owned = owned or (suppress is not None and suppress.numel() > 0)
-    theta = filter_threshold(x, t, params) if any_filter else None
+    theta = filter_threshold(x, t, params) if any_filter else None  # None: no row filters
     tiles = tempered_tiles(x, t, theta, unit_temperature=unit, suppress=None if need_x else suppress)
     greedy = None if all_greedy or params.any_greedy() is False else params.column("temperature") == 0
     tokens = race(tiles, params, offset, greedy=greedy, all_greedy=all_greedy)

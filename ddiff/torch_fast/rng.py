@@ -122,6 +122,49 @@ def _philox_numpy(index: np.ndarray, row: np.ndarray, c2: int, c3: int, keys: np
     return r0, plan.last_lo
 
 
+# Up to this many counters, Philox runs on Python integers holding one 64-bit slot per counter
+# (a handful of big-integer operations per round beat NumPy's per-call cost at this size).
+BIGINT_MAX_COUNTERS = 96
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_ones(slots: int) -> int:
+    return int.from_bytes(np.ones(slots, dtype=np.uint64).tobytes(), "little")
+
+
+def _pack(values: np.ndarray) -> int:
+    return int.from_bytes(np.ascontiguousarray(values, dtype=np.uint64).tobytes(), "little")
+
+
+def _unpack(value: int, shape) -> np.ndarray:
+    slots = int(np.prod(shape))
+    return np.frombuffer(value.to_bytes(8 * slots, "little"), dtype=np.uint64).astype(np.uint32).reshape(shape)
+
+
+def _philox_bigint(index: np.ndarray, row: np.ndarray, c2: int, c3: int, keys: np.ndarray):
+    """(r0, r1) of Philox4x32-10 for few counters: each lane is one Python integer.
+
+    A 32-bit word times a 32-bit multiplier fits its 64-bit slot, so one big-integer product
+    multiplies every counter at once; shifting by 32 and masking reads the high and low words.
+    """
+    shape = index.shape
+    ones = _slot_ones(index.size)
+    low = ones * _MASK32
+    c0 = _pack(index)
+    c1 = _pack(np.broadcast_to(row, shape)) if row.size > 1 else int(row.reshape(-1)[0]) * ones
+    c2, c3 = c2 * ones, c3 * ones
+    per_row_keys = keys.shape[2] > 1
+    for r in range(PHILOX_ROUNDS):
+        if per_row_keys:
+            k0, k1 = (_pack(np.broadcast_to(keys[r, i], shape)) for i in (0, 1))
+        else:
+            k0, k1 = int(keys[r, 0, 0, 0]) * ones, int(keys[r, 1, 0, 0]) * ones
+        p0, p1 = c0 * PHILOX_M0, c2 * PHILOX_M1
+        if r == PHILOX_ROUNDS - 1:
+            return _unpack(((p1 >> 32) & low) ^ c1 ^ k0, shape), _unpack(p1 & low, shape)
+        c0, c1, c2, c3 = ((p1 >> 32) & low) ^ c1 ^ k0, p1 & low, ((p0 >> 32) & low) ^ c3 ^ k1, p0 & low
+
+
 def _philox_torch(index: torch.Tensor, row: torch.Tensor, c2: int, c3: int, keys: torch.Tensor):
     """(r0, r1) of Philox4x32-10 for int64 ``index`` [n, W] / ``row`` [n, 1] on any torch device."""
     shape = torch.broadcast_shapes(index.shape, row.shape)
@@ -155,7 +198,10 @@ def philox_words(seed: Seed, offset: int, row: torch.Tensor, index: torch.Tensor
         idx = index2d.numpy().astype(np.uint32)  # the low 32 bits, as the counter takes them
         if idx.shape[0] != n:
             idx = np.broadcast_to(idx, (n, idx.shape[1]))
-        return _philox_numpy(idx, row.reshape(-1, 1).numpy().astype(np.uint32), c2, c3, keys)
+        rows = row.reshape(-1, 1).numpy().astype(np.uint32)
+        if idx.size <= BIGINT_MAX_COUNTERS:
+            return _philox_bigint(idx, rows, c2, c3, keys)
+        return _philox_numpy(idx, rows, c2, c3, keys)
     keys = _keys_torch(seed, row.device)
     return _philox_torch(index2d & _MASK32, row.reshape(-1, 1) & _MASK32, c2, c3, keys)
 

@@ -77,7 +77,7 @@ class RowParams:
     @property
     def row_ids(self) -> Tensor:
         if self._row_ids is None:
-            self._row_ids = torch.arange(self.rows, device=self.device)
+            self._row_ids = aranged(self.rows, self.device)
         return self._row_ids
 
     def column(self, name: str) -> Tensor:
@@ -107,9 +107,13 @@ class RowParams:
         """Every row is divided by exactly 1 (temperature 1, or greedy)."""
         return self._host("temperature", lambda t: (t != 0) & (t != 1)) is False
 
+    def filter_flags(self) -> dict:
+        """Per filter: does any row use it (True / False, None: unknown without a device sync)?"""
+        return {"top_k": self._host("top_k", lambda k: (k > 0) & (k < self.vocab)),
+                "top_p": self._host("top_p", lambda p: p < 1), "min_p": self._host("min_p", lambda m: m > 0)}
+
     def any_filter(self) -> Optional[bool]:
-        flags = [self._host("top_k", lambda k: (k > 0) & (k < self.vocab)), self._host("top_p", lambda p: p < 1),
-                 self._host("min_p", lambda m: m > 0)]
+        flags = list(self.filter_flags().values())
         if any(flags):
             return True
         return None if None in flags else False
@@ -132,96 +136,93 @@ def _float64_ok(device) -> bool:
     return torch.device(device).type != "mps"
 
 
-def filter_threshold(x: Tensor, t: Tensor, params: RowParams) -> Tensor:
+def filter_threshold(x: Tensor, t: Tensor, params: RowParams) -> Optional[Tensor]:
     """fp32 ``[n]`` threshold: the kept set of row r is ``x[r] >= theta[r]`` (``-inf``: no filter).
 
     Equal to the set ``ddiff.reference.sampling.keep_mask`` keeps (up to the last fp32 bit of a
-    top-p total mass without top-k, see the module docstring).
+    top-p total mass without top-k, see the module docstring). None when no row filters.
     """
     n, vocab = x.shape
-    top_k, top_p, min_p = params.column("top_k"), params.column("top_p"), params.column("min_p")
-    k_act = (top_k > 0) & (top_k < vocab)
-    p_act = top_p < 1
-    m_act = min_p > 0
-    theta = torch.full((n,), NEG_INF, dtype=torch.float32, device=x.device)
-    if n == 0:
-        return theta
+    flags = params.filter_flags()
+    if n == 0 or not any(flag is not False for flag in flags.values()):
+        return None
     readable = host_readable(x)
-    if readable and not bool((k_act | p_act | m_act).any()):
-        return theta
+    f32 = dict(dtype=torch.float32, device=x.device)
+    no = torch.zeros(n, dtype=torch.bool, device=x.device)
+    top_k = params.column("top_k") if flags["top_k"] is not False else None
+    k_act = (top_k > 0) & (top_k < vocab) if top_k is not None else no
+    top_p = params.column("top_p") if flags["top_p"] is not False else None
+    p_act = top_p < 1 if top_p is not None else no
+    min_p = params.column("min_p") if flags["min_p"] is not False else None
+    m_act = min_p > 0 if min_p is not None else no
 
-    p_only = p_act & ~k_act
     total = None
-    if not readable or bool(p_only.any()):
+    if top_p is not None and (not readable or bool((p_act & ~k_act).any())):
         # Total mass of a top-p row without top-k: the sum of exp(z - max z) over the row.
         z = x.float() / t[:, None]
-        z_max = z.amax(-1, keepdim=True)
-        e = torch.exp(z - z_max)
-        acc = torch.float64 if _float64_ok(x.device) else torch.float32
-        total = e.sum(-1, dtype=acc).to(torch.float32)
+        e = torch.exp(z - z.amax(-1, keepdim=True))
+        total = e.sum(-1, dtype=torch.float64 if _float64_ok(x.device) else torch.float32).to(torch.float32)
 
-    k_eff = torch.where(k_act, top_k, torch.zeros_like(top_k))
-    if readable:
-        head = max(int(k_eff.max()) + 16, 64)
-    else:
-        head = vocab
+    k_eff = torch.where(k_act, top_k, torch.zeros_like(top_k)) if top_k is not None else None
+    head = (max(int(k_eff.max()) if k_eff is not None else 0, 48) + 16) if readable else vocab
     while True:
-        head = min(head, vocab)
-        if head > vocab // 4:
-            head = vocab
-        vals, _ = torch.topk(x, head, dim=-1)
-        theta, done = _head_threshold(vals.float(), t, top_p, min_p, params.top_p_mode, k_act, p_act, m_act, k_eff,
-                                      total, head == vocab)
-        if head == vocab or not readable or bool(done.all()):
+        head = vocab if min(head, vocab) > vocab // 4 else min(head, vocab)
+        vals = torch.topk(x, head, dim=-1).values.float()
+        theta, done = _head_threshold(vals, t, top_p, min_p, params.top_p_mode, k_act, p_act, m_act, k_eff, total,
+                                      head == vocab, torch.full((n,), NEG_INF, **f32))
+        if head == vocab or not readable or done is None or bool(done.all()):
             return theta
         head *= 2
 
 
-def _head_threshold(vals: Tensor, t: Tensor, top_p: Tensor, min_p: Tensor, mode: str, k_act, p_act, m_act, k_eff,
-                    total, whole: bool):
-    """Thresholds from the sorted head ``vals`` [n, K] of each row, and whether the head sufficed."""
+def _head_threshold(vals: Tensor, t: Tensor, top_p, min_p, mode: str, k_act, p_act, m_act, k_eff, total,
+                    whole: bool, none: Tensor):
+    """Thresholds from the sorted head ``vals`` [n, K] of each row, and whether the head sufficed
+    (None: it always does). ``top_p`` / ``min_p`` / ``k_eff`` are None for filters no row uses."""
     head = vals.shape[1]
-    kth = vals.gather(-1, (k_eff.clamp(1, head) - 1)[:, None]).squeeze(-1)
-    theta_k = torch.where(k_act, kth, torch.full_like(kth, NEG_INF))
-    # Every token tied with the k-th is kept: count them, so top-p sees the whole top-k set.
-    kept_k = torch.where(k_act[:, None], vals >= kth[:, None], torch.ones_like(vals, dtype=torch.bool))
-    ties_inside = ~k_act | (vals[:, -1] < kth) | whole
-
+    theta = none
+    done = None if whole else torch.ones_like(none, dtype=torch.bool)
+    kth = None
+    if k_eff is not None:
+        kth = vals.gather(-1, (k_eff.clamp(1, head) - 1)[:, None]).squeeze(-1)
+        theta = torch.where(k_act, kth, none)
+    if top_p is None and min_p is None:
+        return theta, None
     z_head = vals / t[:, None]
     e = torch.exp(z_head - z_head[:, :1])
-    e_kept = torch.where(kept_k, e, torch.zeros_like(e))
-    mass = e_kept.cumsum(-1)
-    if total is None:
-        total_rows = mass[:, -1]
-    else:
-        total_rows = torch.where(k_act, mass[:, -1], total)
-    target = top_p[:, None] * total_rows[:, None]
-    if mode == "inclusive":
-        first = (mass >= target).int().argmax(-1)
-        theta_p = vals.gather(-1, first[:, None]).squeeze(-1)
-        p_inside = (mass[:, -1:] >= target).squeeze(-1)
-    else:
-        # BD3LM: mass strictly above a token (its tie group's exclusive cumsum) plus its own.
-        group_start = torch.searchsorted(-vals, -vals, side="left")
-        above = (mass - e_kept).gather(-1, group_start)
-        fits = (above + e_kept <= target) | (vals == vals[:, :1])
-        count = fits.sum(-1)
-        theta_p = vals.gather(-1, (count - 1).clamp_min(0)[:, None]).squeeze(-1)
-        p_inside = count < head
-    theta_p = torch.where(p_act, theta_p, torch.full_like(theta_p, NEG_INF))
-
-    passes_m = e >= min_p[:, None]
-    count_m = passes_m.sum(-1)
-    theta_m = vals.gather(-1, (count_m - 1).clamp_min(0)[:, None]).squeeze(-1)
-    theta_m = torch.where(m_act, theta_m, torch.full_like(theta_m, NEG_INF))
-    m_inside = count_m < head
-
-    theta = torch.maximum(torch.maximum(theta_k, theta_p), theta_m)
-    # The head suffices when each active filter's boundary lies inside it. A min-p boundary
-    # below the head matters only without top-k / top-p, whose boundaries are inside and higher.
-    done = whole | (
-        (~(k_act & p_act) | ties_inside) & (~(p_act & ~k_act) | p_inside) & (~(m_act & ~k_act & ~p_act) | m_inside)
-    )
+    if top_p is not None:
+        if kth is not None:
+            # Every token tied with the k-th is kept: top-p sees the whole top-k set.
+            e_kept = torch.where(k_act[:, None] & (vals < kth[:, None]), torch.zeros_like(e), e)
+        else:
+            e_kept = e
+        mass = e_kept.cumsum(-1)
+        total_rows = mass[:, -1] if total is None else torch.where(k_act, mass[:, -1], total)
+        target = top_p[:, None] * total_rows[:, None]
+        if mode == "inclusive":
+            first = (mass >= target).int().argmax(-1)
+            theta_p = vals.gather(-1, first[:, None]).squeeze(-1)
+            p_inside = mass[:, -1] >= target[:, 0]
+        else:
+            # BD3LM: mass strictly above a token (its tie group's exclusive cumsum) plus its own.
+            group_start = torch.searchsorted(-vals, -vals, side="left")
+            above = (mass - e_kept).gather(-1, group_start)
+            count = ((above + e_kept <= target) | (vals == vals[:, :1])).sum(-1)
+            theta_p = vals.gather(-1, (count - 1).clamp_min(0)[:, None]).squeeze(-1)
+            p_inside = count < head
+        theta = torch.maximum(theta, torch.where(p_act, theta_p, none))
+        if done is not None:
+            # Without top-k the p boundary must lie in the head; with it, the k-th's ties must.
+            ties_inside = vals[:, -1] < kth if kth is not None else torch.ones_like(p_inside)
+            done = done & torch.where(k_act, ~p_act | ties_inside, ~p_act | p_inside)
+    if min_p is not None:
+        count_m = (e >= min_p[:, None]).sum(-1)
+        theta_m = vals.gather(-1, (count_m - 1).clamp_min(0)[:, None]).squeeze(-1)
+        theta = torch.maximum(theta, torch.where(m_act, theta_m, none))
+        if done is not None:
+            # A min-p boundary below the head matters only without top-k / top-p, whose
+            # boundaries are inside the head and higher.
+            done = done & (~m_act | k_act | p_act | (count_m < head))
     return theta, done
 
 
@@ -243,9 +244,13 @@ class Tiles:
     def tiles(self) -> int:
         return self.zp.shape[1] // NOISE_TILE
 
+    _row_max: Optional[Tensor] = None
+
     @property
     def row_max(self) -> Tensor:
-        return self.tile_max.amax(-1)
+        if self._row_max is None:
+            self._row_max = self.tile_max.amax(-1)
+        return self._row_max
 
     def bad(self) -> Tensor:
         """NaN / +inf after tempering, or nothing left: the row maximum is not finite."""
@@ -253,11 +258,13 @@ class Tiles:
 
     def log_norm(self) -> Tensor:
         """log sum(exp(z)) over each row (finite rows), from the tile log-sum-exps."""
-        return torch.logsumexp(self.lse, -1)
+        row_max = self.row_max[:, None]
+        return torch.exp(self.lse - row_max).sum(-1).log_().add_(row_max[:, 0])
 
     def prob_of(self, tokens: Tensor) -> Tensor:
         """fp32 probability of ``tokens`` under softmax(z)."""
-        z_tok = self.zp.gather(-1, tokens.clamp(0, self.vocab - 1)[:, None]).squeeze(-1)
+        # Tokens index the padded buffer (< tiles * NOISE_TILE), so the gather is always in bounds.
+        z_tok = self.zp.gather(-1, tokens[:, None]).squeeze(-1)
         return torch.exp(z_tok - self.log_norm())
 
 
@@ -298,7 +305,7 @@ def race(tiles: Tiles, params: RowParams, offset: int, *, greedy: Optional[Tenso
     if all_greedy:
         tile = first_max_tile
     else:
-        noise = rng.gumbel(params.seed, offset, params.row_ids, torch.arange(num_tiles, device=device), STREAM_TILE)
+        noise = rng.gumbel(params.seed, offset, params.row_ids, aranged(num_tiles, device), STREAM_TILE)
         tile = (tiles.lse + noise.to(device)).argmax(-1)
         if greedy is not None:
             tile = torch.where(greedy, first_max_tile, tile)
@@ -306,22 +313,36 @@ def race(tiles: Tiles, params: RowParams, offset: int, *, greedy: Optional[Tenso
     if n == 1 and host_readable(tile):
         first = int(start)
         z_tile = tiles.zp[:, first:first + width]
+        cols = aranged(width, device) + first
     else:
         view = tiles.zp.view(n, num_tiles, NOISE_TILE)
         z_tile = view.gather(1, tile[:, None, None].expand(n, 1, NOISE_TILE)).view(n, NOISE_TILE)[:, :width]
+        cols = start[:, None] + aranged(width, device)
     if all_greedy:
         return start + z_tile.argmax(-1)
-    cols = start[:, None] + torch.arange(width, device=device)
     scores = z_tile + rng.gumbel(params.seed, offset, params.row_ids, cols, STREAM_TOKEN).to(device)
     if greedy is not None:
         scores = torch.where(greedy[:, None], z_tile, scores)
     return start + scores.argmax(-1)
 
 
+_ARANGES: dict = {}
+
+
+def aranged(size: int, device) -> Tensor:
+    """``torch.arange(size)`` on ``device``, cached (read-only)."""
+    key = (size, str(device))
+    if key not in _ARANGES:
+        if len(_ARANGES) > 64:
+            _ARANGES.clear()
+        _ARANGES[key] = torch.arange(size, device=device)
+    return _ARANGES[key]
+
+
 def sample_rows(x: Tensor, params: RowParams, offset: int) -> tuple[Tensor, Tiles]:
     """Tokens of the rows of ``x`` (any float dtype, [n, V]) and the tile statistics they came from."""
     t = params.tempering()
-    theta = filter_threshold(x, t, params) if params.any_filter() is not False else None
+    theta = filter_threshold(x, t, params)
     all_greedy = params.all_greedy() is True
     tiles = tempered_tiles(x, t, theta, unit_temperature=params.unit_temperature())
     greedy = None if all_greedy or params.any_greedy() is False else params.column("temperature") == 0
@@ -356,4 +377,6 @@ def filter_logits(logits2d: Tensor, top_k: Param, top_p: Param, min_p: Param,
         return logits2d.clone(), bad
     params = RowParams(rows, vocab, device, (None, 1.0), top_k, top_p, min_p, (None, 0), top_p_mode=top_p_mode)
     theta = filter_threshold(logits2d, torch.ones(rows, dtype=torch.float32, device=device), params)
+    if theta is None:
+        return logits2d.clone(), bad
     return logits2d.masked_fill(logits2d < theta[:, None], NEG_INF), bad
