@@ -2,7 +2,14 @@
 
 Quick mode (the default) runs a reduced set of shapes so that the whole suite finishes in a few
 minutes on a CPU; ``--full`` runs the shapes the issues name. Results go to
-``benchmarks/results/<device>.json`` and ``.csv`` (appended per run) and a plot per op.
+``benchmarks/results/<device>[-quick].json`` and ``.csv`` and a plot per op (CPU runs are named
+after the core count, e.g. ``cpu-2core-quick``). The run ends with one line per op: the fastest
+ddiff provider against the fastest other provider.
+
+On CPU the suite runs single-threaded unless ``--threads`` says otherwise: on a shared machine
+a parallel torch op waits for its slowest thread, which turns other processes' load into
+milliseconds of noise per op; one thread gives every provider the same conditions. Providers
+that need CUDA are listed once per benchmark instead of as table rows (they stay in the files).
 """
 
 from __future__ import annotations
@@ -16,10 +23,11 @@ import pkgutil
 import re
 import sys
 import time
+import warnings
 
 import torch
 
-from benchmarks.common import device_name
+from benchmarks.common import cpu_description, device_name, ratio_summary
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -35,7 +43,29 @@ def _bench_modules(only):
     return names
 
 
+def _quiet_libraries() -> None:
+    """No progress bars or library warnings between the tables."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for category in (UserWarning, FutureWarning, DeprecationWarning, RuntimeWarning):
+        warnings.filterwarnings("ignore", category=category)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # transformers is optional here
+        pass
+
+
 def _print_rows(rows):
+    skipped = [r for r in rows if r.get("ms") is None and str(r.get("note", "")).startswith("needs a CUDA")]
+    rows = [r for r in rows if r not in skipped]
+    if skipped:
+        names = ", ".join(dict.fromkeys(r["provider"] for r in skipped))
+        print(f"(not run here, need a CUDA device: {names})")
+    if not rows:
+        return
     cols = ["op", "shape", "provider", "ms", "gbps", "pct_copy_bw", "tflops", "peak_mb", "speedup", "note"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     def fmt(v):
@@ -89,15 +119,23 @@ def main(argv=None):
     parser.add_argument("--only", nargs="*", default=None, help="substrings of bench module names to run")
     parser.add_argument("--out", default=None, help="results file stem (default: results/<device>)")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default 1)")
     args = parser.parse_args(argv)
     args.quick = not args.full
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    _quiet_libraries()
 
     dev = device_name()
-    print(f"ddiff benchmarks on {dev} ({'quick' if args.quick else 'full'} mode), torch {torch.__version__}")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+        dev_label = f"cpu ({cpu_description()}), {torch.get_num_threads()} torch thread(s)"
+    else:
+        dev_label = dev
+    print(f"ddiff benchmarks on {dev_label} ({'quick' if args.quick else 'full'} mode), torch {torch.__version__}")
     if args.device == "cpu":
         print("No GPU here: only the torch providers run; every triton row needs a CUDA device.")
 
+    load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     all_rows = []
     for name in _bench_modules(args.only):
         mod = importlib.import_module(f"benchmarks.{name}")
@@ -110,12 +148,25 @@ def main(argv=None):
         print(f"({time.time() - started:.1f}s)")
         all_rows.extend(rows)
 
+    summary = ratio_summary(all_rows)
+    if summary:
+        print("\n== summary: fastest ddiff provider vs fastest other provider (x > 1: ddiff is faster) ==")
+        for line in summary:
+            print(line)
     if args.no_save or not all_rows:
         return 0
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    stem = args.out or os.path.join(RESULTS_DIR, _slug(dev) + ("" if args.full else "-quick"))
+    name = f"cpu-{os.cpu_count()}core" if args.device == "cpu" else _slug(dev)
+    stem = args.out or os.path.join(RESULTS_DIR, name + ("" if args.full else "-quick"))
     record = {"device": dev, "torch": torch.__version__, "mode": "full" if args.full else "quick",
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv), "rows": all_rows}
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
+              "summary": summary, "rows": all_rows}
+    if args.device == "cpu":
+        record["cpu"] = cpu_description()
+        record["torch_threads"] = torch.get_num_threads()
+        if load_at_start is not None:  # the other processes' load, as 1/5/15-minute averages
+            record["load_average_start"] = load_at_start
+            record["load_average_end"] = os.getloadavg()
     try:
         import triton
 

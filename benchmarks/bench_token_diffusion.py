@@ -13,7 +13,9 @@ Rows
   The references are restated here from the papers' code paths (not imported). ``peak_mb`` is the
   memory a step allocates beyond the logits and the state (CUDA only).
 * ``pipeline``: ``TokenDiffusionPipeline`` end to end with the denoiser (ddiff backends only):
-  total time, NFE, and ``step_overhead_ms`` = (total - NFE x forward) / steps.
+  total time, NFE, ``forward_ms`` (mean time inside one model forward, measured by hooks on the
+  model during that same run) and ``step_overhead_ms`` = (total - time inside the forwards) /
+  steps: everything the pipeline adds per step, never negative.
 
 On CPU (no triton) a scaled-down shape runs in quick mode (B=2, L=32, V=50257, 16 steps, a
 2-layer 64-wide denoiser) and triton rows carry ``ms=None``.
@@ -26,7 +28,7 @@ import time
 import torch
 
 import ddiff
-from benchmarks.common import peak_extra_mb, provider_unavailable, time_ms
+from benchmarks.common import ForwardTimer, median_of_runs, peak_extra_mb, provider_unavailable, synchronize
 
 OP_STEP = "mdlm_step_loop"
 OP_PIPE = "pipeline"
@@ -129,8 +131,6 @@ def run(args) -> list[dict]:
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=torch.ones(s["B"], 1, s["L"], s["L"], dtype=torch.bool,
                                                                 device=device)).logits
-    fwd_ms = time_ms(lambda: model(input_ids=ids, attention_mask=torch.ones(
-        s["B"], 1, s["L"], s["L"], dtype=torch.bool, device=device)), device, warmup=1, rep=3 if quick else 10)
 
     from ddiff.pipelines.token_diffusion_scheduler import TokenDiffusionScheduler
 
@@ -156,18 +156,17 @@ def run(args) -> list[dict]:
         loop = _step_loop(step_fn, logits, s, device, steps_run)
         with torch.no_grad(), ddiff.sync_checks(False):  # as the pipeline runs the ops on CUDA
             loop()  # warm-up (compiles triton kernels)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            reps = 1 if quick or device != "cuda" else 3
-            for _ in range(reps):
+
+            def timed_loop():
+                synchronize(device)
                 loop()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            per_step = (time.perf_counter() - started) * 1e3 / (reps * steps_run)
+                synchronize(device)
+
+            loop_ms, _ = median_of_runs(timed_loop, 3)
+            per_step = loop_ms / steps_run
             peak = peak_extra_mb(loop, device)
         row = {"op": OP_STEP, "shape": shape, "provider": name, "ms": per_step, "peak_mb": peak,
-               "note": f"per step, forward excluded (mean over {steps_run} of {s['steps']} steps)"}
+               "note": f"per step, forward excluded (median of 3 loops of {steps_run} of {s['steps']} steps)"}
         if name == "mdlm-reference":
             baseline = per_step
         rows.append(row)
@@ -175,9 +174,11 @@ def run(args) -> list[dict]:
         if row["ms"] is not None and baseline:
             row["speedup"] = baseline / row["ms"]
 
-    # End to end through the pipeline (ddiff backends).
+    # End to end through the pipeline (ddiff backends). The forwards are timed inside the run
+    # itself, so the overhead is what the pipeline adds to exactly those forwards.
     from ddiff.pipelines import TokenDiffusionPipeline
 
+    timer = ForwardTimer(model, device)
     for backend in ("triton", "torch"):
         name = f"ddiff-{backend}"
         if backend == "triton" and device != "cuda":
@@ -187,21 +188,23 @@ def run(args) -> list[dict]:
                                       backend=backend)
 
         def sample():
-            return pipe(batch_size=s["B"], seq_len=s["L"], num_inference_steps=s["steps"], seed=0,
-                        output_type="ids", progress=False)
+            timer.reset()
+            synchronize(device)
+            started = time.perf_counter()
+            out = pipe(batch_size=s["B"], seq_len=s["L"], num_inference_steps=s["steps"], seed=0,
+                       output_type="ids", progress=False)
+            synchronize(device)
+            total = (time.perf_counter() - started) * 1e3
+            return total, timer.total_ms(), out.nfe
 
-        if device == "cuda":
-            sample()
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        out = sample()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        total_ms = (time.perf_counter() - started) * 1e3
-        overhead = (total_ms - out.nfe * fwd_ms) / s["steps"]
-        rows.append({"op": OP_PIPE, "shape": shape, "provider": name, "ms": total_ms, "nfe": out.nfe,
+        sample()  # warm-up (Triton compilation, allocator)
+        _, (total_ms, fwd_total_ms, nfe) = median_of_runs(sample, 1 if device == "cuda" and not quick else 3)
+        overhead = (total_ms - fwd_total_ms) / s["steps"]
+        fwd_ms = fwd_total_ms / max(nfe, 1)
+        rows.append({"op": OP_PIPE, "shape": shape, "provider": name, "ms": total_ms, "nfe": nfe,
                      "forward_ms": fwd_ms, "step_overhead_ms": overhead,
                      "peak_mb": peak_extra_mb(sample, device) if backend == "triton" else None,
-                     "note": f"total; {s['layers']}x{s['hidden']} denoiser, nfe {out.nfe}, "
+                     "note": f"total (median of runs); {s['layers']}x{s['hidden']} denoiser, nfe {nfe}, "
                              f"fwd {fwd_ms:.3g} ms, overhead/step {overhead:.3g} ms"})
+    timer.remove()
     return rows

@@ -4,21 +4,43 @@ Every ``benchmarks/bench_*.py`` module exposes ``run(args) -> list[dict]``. Each
 (op, shape, provider) measurement with at least the keys ``op``, ``shape``, ``provider`` and
 ``ms`` (median, or ``None`` with a ``note`` when the provider cannot run here). Optional keys:
 ``gbps``, ``pct_copy_bw``, ``tflops``, ``peak_mb``, ``speedup``, ``note``, and any op-specific ones.
+
+On CPU a time is the median of at least ``rep`` calls and of enough calls to fill
+``CPU_MIN_SECONDS`` (a shared machine's load comes and goes: many short samples and their
+median keep one slow moment from deciding a row).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable
 
 import torch
 
+CPU_MIN_SECONDS = 0.3
+
 
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return "cpu"
+
+
+def cpu_description() -> str:
+    """``"<model name>, <n> cores"`` from /proc/cpuinfo (Linux), for the results file."""
+    model, cores = "unknown CPU", 0
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("processor"):
+                    cores += 1
+    except OSError:
+        pass
+    return f"{model}, {cores or '?'} cores"
 
 
 def synchronize(device: str) -> None:
@@ -35,11 +57,67 @@ def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, rep: int 
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(rep):
+    started = time.perf_counter()
+    while len(times) < rep or (time.perf_counter() - started < CPU_MIN_SECONDS and len(times) < 50 * rep):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def median_of_runs(fn: Callable[[], object], runs: int) -> tuple[float, object]:
+    """(median wall ms, result of the median run) of ``runs`` calls of ``fn``: for end-to-end rows."""
+    samples = []
+    for _ in range(max(1, runs)):
+        start = time.perf_counter()
+        result = fn()
+        samples.append(((time.perf_counter() - start) * 1e3, result))
+    samples.sort(key=lambda s: s[0])
+    return samples[(len(samples) - 1) // 2]
+
+
+class ForwardTimer:
+    """Times every forward of ``module`` through hooks, so a pipeline's time splits into the
+    model and the rest. CUDA: events (no host sync is added to the loop); CPU: ``perf_counter``.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: str):
+        self.device = device
+        self._pending = None
+        self._records: list = []
+        self._handles = [module.register_forward_pre_hook(self._before), module.register_forward_hook(self._after)]
+
+    def _before(self, module, args):
+        if self.device == "cuda":
+            self._pending = torch.cuda.Event(enable_timing=True)
+            self._pending.record()
+        else:
+            self._pending = time.perf_counter()
+
+    def _after(self, module, args, output):
+        if self.device == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._records.append((self._pending, end))
+        else:
+            self._records.append((time.perf_counter() - self._pending) * 1e3)
+
+    def reset(self) -> None:
+        self._records.clear()
+
+    @property
+    def calls(self) -> int:
+        return len(self._records)
+
+    def total_ms(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return sum(start.elapsed_time(end) for start, end in self._records)
+        return sum(self._records)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def peak_extra_mb(fn: Callable[[], object], device: str) -> float | None:
@@ -74,3 +152,33 @@ def copy_bandwidth_gbps(device: str) -> float | None:
 
 def provider_unavailable(op: str, shape: str, provider: str, why: str) -> dict:
     return {"op": op, "shape": shape, "provider": provider, "ms": None, "note": why}
+
+
+def ratio_summary(rows: list[dict]) -> list[str]:
+    """One line per op: the fastest ddiff provider against the fastest other provider, per shape.
+
+    ``speedup`` here is (best other ms) / (best ddiff ms): above 1, ddiff is faster.
+    """
+    lines = []
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    for op in ops:
+        parts = []
+        for shape in dict.fromkeys(r["shape"] for r in rows if r["op"] == op):
+            timed = [r for r in rows if r["op"] == op and r["shape"] == shape and r.get("ms")]
+            ours = [r for r in timed if r["provider"].startswith("ddiff")]
+            others = [r for r in timed if not r["provider"].startswith("ddiff")]
+            if not ours or not others:
+                continue
+            best_ours = min(ours, key=lambda r: r["ms"])
+            best_other = min(others, key=lambda r: r["ms"])
+            ratio = best_other["ms"] / best_ours["ms"]
+            parts.append(f"{shape}: {best_ours['provider']} {_fmt_ratio(ratio)} vs {best_other['provider']}")
+        if parts:
+            lines.append(f"{op}: " + "; ".join(parts))
+    return lines
+
+
+def _fmt_ratio(ratio: float) -> str:
+    if not math.isfinite(ratio):
+        return "n/a"
+    return f"{ratio:.2f}x"
