@@ -122,11 +122,13 @@ def predict_rows(x: Tensor, params: RowParams, offset: int, *, suppress: Optiona
     return tokens, conf, argmax, bad
 
 
-def _picked_rows(mask: Optional[Tensor], rows: int, device) -> Optional[Tensor]:
-    """Indices of the rows to compute, or None for every row."""
-    if mask is None:
-        return None
-    if host_readable(mask) and bool(mask.all()):
+def _picked_rows(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """Indices of the rows to compute, or None for every row.
+
+    Off the host (MPS, CUDA) the row indices would need a device sync: every row is computed
+    and the mask applied to the results instead.
+    """
+    if mask is None or not host_readable(mask) or bool(mask.all()):
         return None
     return torch.nonzero(mask).squeeze(-1)
 
@@ -142,7 +144,7 @@ def predict_tokens(logits2d: Tensor, mask: Optional[Tensor], suppress: Optional[
     rows, vocab = logits2d.shape
     device = logits2d.device
     params = RowParams(rows, vocab, device, temperature, top_k, top_p, min_p, seed, top_p_mode=top_p_mode)
-    picked = _picked_rows(mask, rows, device)
+    picked = _picked_rows(mask)
     if picked is None:
         x, owned = logits2d, False
     else:
@@ -157,7 +159,10 @@ def predict_tokens(logits2d: Tensor, mask: Optional[Tensor], suppress: Optional[
                                              confidence_from=confidence_from, confidence_suppress=confidence_suppress,
                                              return_argmax=return_argmax)
     if picked is None:
-        return tokens, conf, argmax, bad
+        if mask is None or host_readable(mask):
+            return tokens, conf, argmax, bad
+        return (torch.where(mask, tokens, -1), torch.where(mask, conf, NEG_INF),
+                None if argmax is None else torch.where(mask, argmax, -1), bad & mask)
     full_tokens = torch.full((rows,), -1, dtype=torch.int64, device=device).index_copy_(0, picked, tokens)
     full_conf = torch.full((rows,), NEG_INF, dtype=torch.float32, device=device).index_copy_(0, picked, conf)
     full_argmax = None
@@ -183,6 +188,14 @@ def mdlm_step(logits2d: Tensor, x_t: Tensor, mask_token_id: int, alpha_t: Tensor
     rows, vocab = logits2d.shape
     device = logits2d.device
     params = RowParams(rows, vocab, device, temperature, top_k, top_p, min_p, seed, top_p_mode=top_p_mode)
+    suppress = torch.tensor([mask_token_id], dtype=torch.int64, device=device)
+    if not host_readable(x_t):
+        # No row indices off the host (a device sync): every row is drawn, the coin selects.
+        reveal = (x_t == mask_token_id) & (row_uniform(params.seed, offset, STREAM_POSTERIOR, params.row_ids)
+                                           < unmask_probability(alpha_t, alpha_s))
+        tokens, _, _, bad = predict_rows(logits2d, params, offset, suppress=suppress, owned=False, confidence=None)
+        bad = bad & reveal
+        return torch.where(reveal & ~bad, tokens, x_t), bad
     masked_rows = torch.nonzero(x_t == mask_token_id).squeeze(-1)
     bad = torch.zeros(rows, dtype=torch.bool, device=device)
     if masked_rows.numel() == 0:
@@ -195,7 +208,6 @@ def mdlm_step(logits2d: Tensor, x_t: Tensor, mask_token_id: int, alpha_t: Tensor
     if picked.numel() == 0:
         return x_s, bad
     sub = params.select(picked)
-    suppress = torch.tensor([mask_token_id], dtype=torch.int64, device=device)
     tokens, _, _, sub_bad = predict_rows(logits2d.index_select(0, picked), sub, offset, suppress=suppress, owned=True,
                                          confidence=None)
     x_s.index_copy_(0, picked, torch.where(sub_bad, x_t[picked], tokens))
