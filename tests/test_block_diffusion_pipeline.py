@@ -530,6 +530,13 @@ def test_remasking_kinds_and_confidence_sources_decode_the_task():
     (dict(steps_per_block=1, input_ids=torch.tensor([list(range(5, 20)) * 5])), "context"),
     (dict(steps_per_block=1, max_new_tokens=62), "context"),
     (dict(steps_per_block=1, input_ids=torch.tensor([[1, MASK, 2]])), "mask token"),
+    (dict(remasking="origin"), "no commit rule"),
+    (dict(remasking="origin", threshold=0.5), "steps_per_block"),
+    (dict(remasking="origin", steps_per_block=2, threshold=0.5), "cannot take"),
+    (dict(steps_per_block=2, schedule="cosine"), "schedule"),
+    (dict(steps_per_block=2, selection_temperature=-1.0), "selection_temperature"),
+    (dict(threshold=0.5, selection_temperature=1.0), "steps_per_block"),
+    (dict(steps_per_block=2, confidence_eos_eot_inf=1), "confidence_eos_eot_inf"),
 ])
 def test_bad_inputs_raise_clear_errors(kwargs, match):
     pipe = BlockDiffusionPipeline(trained_model(), mask_token_id=MASK, backend="torch")
@@ -567,6 +574,11 @@ def test_presets():
     assert (sdar.mask_token_id, sdar.attention, 151645 in sdar.eos_token_id) == (151669, "block_causal", True)
     assert (llada2.mask_token_id, llada2.eos_token_id, llada2.attention) == (156895, (156892,), "block_causal")
     assert all(p.trust_remote_code for p in (llada, dream, sdar, llada2))
+    # the decoder's own rules: Dream's 1 - s/t schedule, and where each family measures confidence
+    assert [p.schedule for p in (llada, dream, sdar, llada2)] == ["llada", "dream", "llada", "llada"]
+    assert [p.confidence_from for p in (llada, dream, sdar, llada2)] == ["raw", "sampling", "sampling", "sampling"]
+    scheduler = dream.pipeline_kwargs()["scheduler"]
+    assert (scheduler.schedule, scheduler.confidence_from, scheduler.mask_token_id) == ("dream", "sampling", 151666)
     with pytest.raises(ValueError, match="unknown preset"):
         BlockDiffusionPipeline.preset("gpt")
 

@@ -10,9 +10,12 @@ import os
 
 import pytest
 import torch
+from upstream import bd3lm as upstream_bd3lm
 
 import ddiff
-from ddiff.denoiser import tiny_denoiser
+from ddiff.denoiser import block_causal_mask, denoiser_logits, tiny_denoiser
+from ddiff.pipelines.token_diffusion_scheduler import _AUX_POSITION, AUX_OFFSET
+from ddiff.reference.rng import STREAM_TOKEN, philox_gumbel
 from ddiff.pipelines import TokenDiffusionPipeline, TokenDiffusionPipelineOutput
 from ddiff.pipelines.token_diffusion_scheduler import TokenDiffusionScheduler
 from ddiff.training import is_valid
@@ -117,6 +120,49 @@ def test_wrong_posterior_fails_the_validity_test(name, op, wrong, request, monke
 def test_bd3lm_block_sampling_first_hitting_and_nucleus(bd3lm):
     assert validity(bd3lm, block_size=4, first_hitting=True, top_p=0.9) >= VALID_THRESHOLD
     assert validity(bd3lm, steps=64, block_size=4) >= VALID_THRESHOLD
+
+
+def bd3lm_draws(seed: int, width: int):
+    """The draws of ddiff's first-hitting step, for the restated BD3LM loop: the position race of
+    ``ddiff.sample`` over equal logits (offset ``step + 3 · 2^48``, row b) and the token race of
+    ``ddiff.mdlm_step`` (row ``b · width + l``, offset ``step``); one noise tile (V, W < 1024)."""
+
+    def choose_fn(step, masked):
+        g = philox_gumbel(torch.tensor(seed), step + _AUX_POSITION * AUX_OFFSET,
+                          torch.arange(masked.shape[0])[:, None], torch.arange(width)[None, :], STREAM_TOKEN)
+        return torch.where(masked, g, float("-inf")).argmax(dim=1)
+
+    def categorical_fn(step, probs):
+        B, L, V = probs.shape
+        rows = (torch.arange(B)[:, None] * width + torch.arange(L)[None, :])[..., None]
+        g = philox_gumbel(torch.tensor(seed), step, rows, torch.arange(V)[None, None, :], STREAM_TOKEN)
+        return (probs.log() + g.double()).argmax(dim=-1)
+
+    return choose_fn, categorical_fn
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.6])
+def test_bd3lm_first_hitting_matches_the_published_sampler(bd3lm, top_p):
+    """BD3LM's semi-AR first-hitting sampler with its nucleus (tests/upstream/bd3lm.py), fed
+    ddiff's draws, gives the pipeline's tokens: block order, the one-mask-per-step reveal, the
+    nucleus rule (the default on the BD3LM path) and the finished blocks as context."""
+    model, block = bd3lm.model, 4
+    choose_fn, categorical_fn = bd3lm_draws(13, block)
+    def forward(x):  # BD3LM's block-causal attention over the prefix
+        return denoiser_logits(model, x, attention_mask=block_causal_mask(0, x.shape[1], x.shape[1], block))
+
+    want, nfe = upstream_bd3lm.semi_ar_sampler(forward, 1, SEQ_LEN // block, block, block,
+                                               mask_index=bd3lm.mask_token_id, bos_id=0, nucleus_p=top_p,
+                                               choose_fn=choose_fn, categorical_fn=categorical_fn)
+    out = bd3lm(batch_size=1, seq_len=SEQ_LEN, num_inference_steps=16, block_size=block, first_hitting=True,
+                top_p=None if top_p == 1.0 else top_p, prefix_ids=[0], seed=13, output_type="ids", progress=False)
+    assert out.sequences.tolist() == want.tolist()
+    assert out.nfe == nfe
+    if top_p == 0.6:  # transformers' rule keeps the crossing token: another distribution, other tokens
+        other = bd3lm(batch_size=1, seq_len=SEQ_LEN, num_inference_steps=16, block_size=block, first_hitting=True,
+                      top_p=top_p, top_p_mode="inclusive", prefix_ids=[0], seed=13, output_type="ids",
+                      progress=False)
+        assert other.sequences.tolist() != want.tolist()
 
 
 def test_hybrid_with_lambda_one_matches_absorbing_quality(mdlm):

@@ -741,8 +741,8 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         blocks = self._blocks(prompt_len, total, block_length)
         run = self._prepare_run(x, valid, prompt_len, block_length, logits_shift, cfg_scale, eos_ids, suppress,
                                 eos_early_stop)
-        step_kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                           suppress_tokens=torch.tensor(suppress, dtype=torch.int64, device=device) if suppress else None,
+        suppress_t = torch.tensor(suppress, dtype=torch.int64, device=device) if suppress else None
+        step_kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, suppress_tokens=suppress_t,
                            confidence_suppress_tokens=self._confidence_suppress(confidence_eos_eot_inf, eos_ids,
                                                                                 temperature, device),
                            seed=seed, generator=generator, backend=self.backend)

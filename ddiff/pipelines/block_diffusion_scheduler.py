@@ -37,7 +37,7 @@ Rules (``remasking`` and the keyword arguments)
 * ``"sequential"`` (SDAR): the ``k`` columns starting at the first mask, left to right (as
   upstream, a decoded column inside that range is re-written with its new prediction).
 * ``"origin"`` (Dream ``alg="origin"``): each mask is revealed with probability
-  ``1 − t_{i+1} / t_i`` (1 at the last step), to a token drawn from the filtered sampling
+  ``1 − t_{i+1} / t_i`` on Dream's grid (1 at the last step), to a token drawn from the filtered sampling
   distribution. With the mask id in ``suppress_tokens`` this is exactly the MDLM posterior
   :func:`ddiff.mdlm_step` with ``α = 1 − t``; without it, as in Dream, a drawn mask id leaves
   the position masked.
@@ -223,11 +223,6 @@ class BlockDiffusionScheduler:
         return cls(**kwargs)
 
     @property
-    def uses_schedule(self) -> bool:
-        """True when a step commits a scheduled count (every rule but ``threshold`` / ``factor`` alone)."""
-        return self.num_inference_steps is not None
-
-    @property
     def _fixed_length(self) -> bool:
         # a count rule alone runs exactly num_inference_steps steps, as LLaDA's and Dream's loops do
         return self.threshold is None and self.factor is None and self.editing_threshold is None
@@ -274,9 +269,10 @@ class BlockDiffusionScheduler:
         if self.schedule == "llada":
             full = torch.ones(1, block_length, dtype=torch.bool)
             self._counts = ops.num_transfer_tokens(full, n)[0].tolist()
-        # 1 - s/t in fp32, as Dream computes it on its fp32 grid
-        ratios = 1.0 - self.timesteps[1:] / self.timesteps[:-1]
-        self._ratios = ratios.tolist()
+        # 1 - s/t in fp32 on Dream's grid, as Dream computes it: its count and "origin"'s reveal
+        # probability (origin is Dream's rule, so it keeps Dream's grid under either schedule)
+        grid = torch.linspace(1.0, self.eps, n + 1, dtype=torch.float32)
+        self._ratios = (1.0 - grid[1:] / grid[:-1]).tolist()
         if device is not None:
             self.timesteps = self.timesteps.to(device)
 
@@ -295,7 +291,7 @@ class BlockDiffusionScheduler:
         return (left.to(torch.float32) * self._ratios[i]).to(torch.int64)
 
     def reveal_probability(self, step_index: int) -> float:
-        """Dream ``alg="origin"``: ``1 − t_{i+1} / t_i`` (1 at the last step)."""
+        """Dream ``alg="origin"``: ``1 − t_{i+1} / t_i`` on ``linspace(1, eps, n + 1)`` (1 at the last step)."""
         last = self.num_inference_steps - 1
         return 1.0 if step_index >= last else self._ratios[step_index]
 

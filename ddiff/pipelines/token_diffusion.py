@@ -24,6 +24,7 @@ from ddiff.pipelines.utils import (DiscreteDiffusionPipelineOutput, ProgressBarM
                                    execution_device, run_callback)
 
 Tensor = torch.Tensor
+TOP_P_MODES = ("inclusive", "bd3lm")
 
 __all__ = ["TokenDiffusionPipeline", "TokenDiffusionPipelineOutput", "TokenDiffusionScheduler"]
 
@@ -86,6 +87,12 @@ class TokenDiffusionPipeline(ProgressBarMixin):
       x̂_0 (top-p applied: BD3LM's nucleus sampling), and the clock jumps to the first-hitting
       time ``t · u^(1/n)`` (reported to the callback; a time-agnostic model does not read it).
       It takes one step per generated position, whatever ``num_inference_steps``.
+    * ``top_p`` (nucleus sampling of x̂_0) follows ``top_p_mode``: ``"bd3lm"``, BD3LM's
+      ``_nucleus_sample`` (keep the tokens whose cumulative probability *including their own*
+      is at most ``top_p``, and always the top one), or ``"inclusive"``, transformers'
+      ``TopPLogitsWarper`` (also keep the token that crosses ``top_p``). Default: ``"bd3lm"`` on
+      the BD3LM path (a block-causal denoiser), ``"inclusive"`` otherwise. The two keep
+      different sets whenever the crossing token exists, i.e. almost always.
     * ``prefix_ids`` (``[P]`` or ``[B, P]``) fixes positions ``[0, P)``. ``infill_mask`` (bool
       ``[B, seq_len]``, True = generate, as in the seed) fixes every other position to its
       token in ``infill_ids`` (``[B or 1, seq_len]``) or in the prefix. Fixed tokens never change.
@@ -94,6 +101,20 @@ class TokenDiffusionPipeline(ProgressBarMixin):
       tokens are re-imposed on it.
     * On CUDA the ops run without host-syncing value checks (``ddiff.sync_checks(False)``);
       invalid logits then surface once, after the loop (absorbing: a position still masked).
+
+    Differences from the published samplers (the posterior and the nucleus are theirs):
+
+    * MDLM (``_sample`` with ``ddpm_cache``) steps on ``linspace(1, eps, n + 1)`` and then
+      replaces the masks left by the argmax of one more forward (``noise_removal``); here the
+      grid is ``linspace(1, 0, n + 1)`` and the last step (α = 1) samples every mask left, so
+      NFE is at most ``n`` rather than ``n + 1``.
+    * BD3LM (``_semi_ar_sampler``) runs ``num_steps`` steps per block on ``linspace(1, 0,
+      num_steps)`` with ``s = t − 1/num_steps``; here ``num_inference_steps`` is the total
+      budget over the blocks (see ``block_size``) on the grid above. With ``first_hitting`` the
+      grid does not matter for a time-agnostic denoiser and the two agree (one uniformly chosen
+      mask per step). BD3LM runs one extra forward per finished block to store its KV cache;
+      here the next block's first forward does it. Both draw from ddiff's Philox streams
+      instead of ``torch.rand`` (BD3LM's float64 Gumbel race), so a seed gives other draws.
 
     Example::
 
@@ -299,11 +320,18 @@ class TokenDiffusionPipeline(ProgressBarMixin):
                  first_hitting: bool = False, seed: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, output_type: str = "text",
                  callback_on_step_end: Optional[Callable] = None, progress: bool = True, *,
-                 infill_ids: Optional[Tensor] = None, use_kv_cache: bool = True) -> TokenDiffusionPipelineOutput:
-        """Generate ``batch_size`` sequences of ``seq_len`` tokens; see the class docstring."""
+                 infill_ids: Optional[Tensor] = None, use_kv_cache: bool = True,
+                 top_p_mode: Optional[str] = None) -> TokenDiffusionPipelineOutput:
+        """Generate ``batch_size`` sequences of ``seq_len`` tokens; see the class docstring.
+
+        ``top_p_mode``: ``"bd3lm"`` or ``"inclusive"`` (None: ``"bd3lm"`` for a block-causal
+        denoiser, ``"inclusive"`` otherwise).
+        """
         self.check_inputs(batch_size, seq_len, num_inference_steps, prefix_ids, infill_mask, infill_ids,
                           temperature, top_p, block_size, first_hitting, seed, generator, output_type, progress,
                           callback_on_step_end)
+        if top_p_mode is not None and top_p_mode not in TOP_P_MODES:
+            raise ValueError(f"`top_p_mode` must be None or one of {TOP_P_MODES}, got {top_p_mode!r}.")
         device = execution_device(self.model)
         sched = self.scheduler
         fixed, values = self._fixed_tokens(batch_size, seq_len, prefix_ids, infill_mask, infill_ids, device)
@@ -311,6 +339,8 @@ class TokenDiffusionPipeline(ProgressBarMixin):
 
         pattern, model_block = attention_pattern(self.model)
         block_causal = pattern == "block_causal"
+        if top_p_mode is None:  # BD3LM's own nucleus on the BD3LM path
+            top_p_mode = "bd3lm" if block_causal else "inclusive"
         if block_size is None and block_causal:
             block_size = model_block
         window = block_size or seq_len
@@ -351,8 +381,8 @@ class TokenDiffusionPipeline(ProgressBarMixin):
                                 logits = self._window_logits(x, start, end, state)
                                 nfe += 1
                             new = sched.first_hitting_step(logits, xw, temperature=temperature, top_p=top_p,
-                                                           seed=seed_value, offset=step, backend=self.backend,
-                                                           can_change=can_change)
+                                                           top_p_mode=top_p_mode, seed=seed_value, offset=step,
+                                                           backend=self.backend, can_change=can_change)
                             x, logits = self._commit(x, new, start, end, fixed, values, logits)
                             x, logits = self._callback(callback_on_step_end, step, t, x, start, end, fixed, values,
                                                        logits)
@@ -367,8 +397,8 @@ class TokenDiffusionPipeline(ProgressBarMixin):
                                 logits = self._window_logits(x, start, end, state)
                                 nfe += 1
                             new = sched.step(logits, x[:, start:end], alphas[k], alphas[k + 1],
-                                             temperature=temperature, top_p=top_p, seed=seed_value, offset=step,
-                                             backend=self.backend)
+                                             temperature=temperature, top_p=top_p, top_p_mode=top_p_mode,
+                                             seed=seed_value, offset=step, backend=self.backend)
                             x, logits = self._commit(x, new, start, end, fixed, values, logits)
                             x, logits = self._callback(callback_on_step_end, step, times[k + 1], x, start, end, fixed,
                                                        values, logits)

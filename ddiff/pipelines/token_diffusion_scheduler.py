@@ -251,17 +251,21 @@ class TokenDiffusionScheduler:
     # -----------------------------------------------------------------------------------------
 
     def step(self, logits: Tensor, x_t: Tensor, alpha_t, alpha_s, *, temperature: float = 1.0,
-             top_p: Optional[float] = None, seed: int = 0, offset: int = 0, backend: str = "auto") -> Tensor:
+             top_p: Optional[float] = None, top_p_mode: str = "inclusive", seed: int = 0, offset: int = 0,
+             backend: str = "auto") -> Tensor:
         """One reverse step ``x_t -> x_s`` (``α_t <= α_s``) from the model's logits ``[..., V]``.
 
         ``temperature`` and ``top_p`` shape x̂_0 (for "uniform" the logits are divided by the
         temperature and filtered with :func:`ddiff.filter_logits` before :func:`ddiff.udlm_step`,
-        which takes neither). ``temperature = 0`` (greedy) is only defined for "absorbing".
+        which takes neither). ``top_p_mode``: ``"inclusive"`` (transformers: the token that
+        crosses ``top_p`` is kept) or ``"bd3lm"`` (BD3LM's nucleus: a token is kept when the
+        cumulative probability including its own is at most ``top_p``, and the top one always).
+        ``temperature = 0`` (greedy) is only defined for "absorbing".
         """
         alpha_t, alpha_s = _as_float(alpha_t), _as_float(alpha_s)
         if self.forward_process == "absorbing":
             return ddiff.mdlm_step(logits, x_t, self.mask_token_id, alpha_t, alpha_s, temperature=temperature,
-                                   top_p=top_p, seed=seed, offset=offset, backend=backend)
+                                   top_p=top_p, top_p_mode=top_p_mode, seed=seed, offset=offset, backend=backend)
         if not temperature > 0:
             raise ValueError(f"the {self.forward_process} process needs temperature > 0, got {temperature}.")
         if self.forward_process == "uniform":
@@ -269,9 +273,10 @@ class TokenDiffusionScheduler:
             if temperature != 1.0:
                 z = z.float() / temperature
             if top_p is not None and top_p < 1.0:
-                z = ddiff.filter_logits(z, top_p=top_p, backend=backend)
+                z = ddiff.filter_logits(z, top_p=top_p, top_p_mode=top_p_mode, backend=backend)
             return ddiff.udlm_step(z, x_t, alpha_t, alpha_s, seed=seed, offset=offset, backend=backend)
-        return self._hybrid_step(logits, x_t, alpha_t, alpha_s, temperature, top_p, seed, offset, backend)
+        return self._hybrid_step(logits, x_t, alpha_t, alpha_s, temperature, top_p, top_p_mode, seed, offset,
+                                 backend)
 
     def hybrid_posterior_weights(self, p_xt: Tensor, is_mask: Tensor, alpha_t, alpha_s) -> Tensor:
         """Unnormalised weights ``[..., 4]`` of (draw from x̂_0, uniform non-mask, the mask, keep x_t).
@@ -301,7 +306,7 @@ class TokenDiffusionScheduler:
         w_keep = torch.where(is_mask, torch.zeros_like(p), w_keep)
         return torch.stack([w_model, w_unif, w_mask, w_keep], dim=-1).clamp_min(0.0)
 
-    def _hybrid_step(self, logits, x_t, alpha_t, alpha_s, temperature, top_p, seed, offset, backend):
+    def _hybrid_step(self, logits, x_t, alpha_t, alpha_s, temperature, top_p, top_p_mode, seed, offset, backend):
         if offset >= AUX_OFFSET:
             raise ValueError(f"`offset` must be < 2^48 for the hybrid step, got {offset}.")
         m, v = self.mask_token_id, logits.shape[-1]
@@ -319,8 +324,8 @@ class TokenDiffusionScheduler:
         part = ddiff.sample(w.log().float(), seed=seed, offset=offset + _AUX_HYBRID_PART * AUX_OFFSET,
                             backend=backend)
         tokens, _ = ddiff.predict_tokens(rows2d, mask=part == 0, temperature=temperature, top_p=top_p,
-                                         confidence_from="raw", suppress_tokens=[m], seed=seed, offset=offset,
-                                         backend=backend)
+                                         top_p_mode=top_p_mode, confidence_from="raw", suppress_tokens=[m],
+                                         seed=seed, offset=offset, backend=backend)
         out = torch.where(part == 0, tokens, x)
         out = torch.where(part == 2, torch.full_like(x, m), out)
         uniform_rows = torch.nonzero(part == 1).squeeze(-1)
@@ -336,13 +341,14 @@ class TokenDiffusionScheduler:
     # -----------------------------------------------------------------------------------------
 
     def first_hitting_step(self, logits: Tensor, x_t: Tensor, *, temperature: float = 1.0,
-                           top_p: Optional[float] = None, seed: int = 0, offset: int = 0,
-                           backend: str = "auto", can_change: Optional[Tensor] = None) -> Tensor:
+                           top_p: Optional[float] = None, top_p_mode: str = "inclusive", seed: int = 0,
+                           offset: int = 0, backend: str = "auto", can_change: Optional[Tensor] = None) -> Tensor:
         """Reveal exactly one masked position per row (the first-hitting sampler, absorbing only).
 
         Among the masked positions of each row ``[B, W]`` (restricted to ``can_change``) one is
         chosen uniformly (``ddiff.sample`` over equal logits) and revealed with a token drawn
-        from softmax(logits / T) with top-p, through :func:`ddiff.mdlm_step` with per-position
+        from softmax(logits / T) with top-p (``top_p_mode`` as in :meth:`step`), through
+        :func:`ddiff.mdlm_step` with per-position
         α (α_t = 0 everywhere, α_s = 1 at the chosen position only, so the reveal probability is
         exactly 1 there and 0 elsewhere). Rows with no masked position are copied.
         """
@@ -359,7 +365,8 @@ class TokenDiffusionScheduler:
         alpha_s = torch.nn.functional.one_hot(pick, masked.shape[-1]).bool() & masked
         alpha_s = alpha_s.to(torch.float32)
         return ddiff.mdlm_step(logits, x_t, self.mask_token_id, torch.zeros_like(alpha_s), alpha_s,
-                               temperature=temperature, top_p=top_p, seed=seed, offset=offset, backend=backend)
+                               temperature=temperature, top_p=top_p, top_p_mode=top_p_mode, seed=seed,
+                               offset=offset, backend=backend)
 
     def first_hitting_time(self, t: Tensor, num_masked: Tensor, *, seed: int = 0, offset: int = 0) -> Tensor:
         """The next reveal time ``t · u^(1/n)`` of the first-hitting sampler (Zheng et al., 2024,
