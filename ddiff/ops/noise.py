@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
 from torch.library import custom_op, triton_op
 
 from ddiff._backend import launch_wrapper, resolve_backend
+from ddiff._checks import check_device, check_dtype, check_int, check_shape, check_tensor, is_integer_dtype
 from ddiff._params import RngArgs, rng_args, seed_rows
 from ddiff.reference.noise import renoise_uniform_reference
 
@@ -71,25 +71,17 @@ def renoise_uniform(tokens: Tensor, keep: Optional[Tensor] = None, *, vocab_size
         >>> canvas = ddiff.renoise_uniform(torch.empty(2, 256, dtype=torch.long), vocab_size=262144, seed=0)
         >>> canvas = ddiff.renoise_uniform(sampled, accepted, vocab_size=262144, seed=0, offset=step + 1)
     """
-    if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"`tokens` must be a torch.Tensor, got {type(tokens).__name__}.")
-    if tokens.dtype.is_floating_point or tokens.is_complex() or tokens.dtype == torch.bool:
+    check_tensor("tokens", tokens)
+    if not is_integer_dtype(tokens.dtype):
         raise TypeError(f"`tokens` must hold integer token ids, got {tokens.dtype}.")
     if tokens.dim() < 1:
         raise ValueError("`tokens` must have at least one dimension (the positions).")
     if keep is not None:
-        if not isinstance(keep, torch.Tensor):
-            raise TypeError(f"`keep` must be a bool tensor or None, got {type(keep).__name__}.")
-        if keep.dtype != torch.bool:
-            raise TypeError(f"`keep` must be a bool tensor, got {keep.dtype}.")
-        if tuple(keep.shape) != tuple(tokens.shape):
-            raise ValueError(f"`keep` has shape {tuple(keep.shape)}, expected {tuple(tokens.shape)} (the shape of `tokens`).")
-        if keep.device != tokens.device:
-            raise ValueError(f"`keep` is on {keep.device} but `tokens` is on {tokens.device}.")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
-        raise TypeError(f"`vocab_size` must be an int, got {type(vocab_size).__name__}.")
-    if not 1 <= vocab_size < 2**31:
-        raise ValueError(f"`vocab_size` must lie in [1, 2^31), got {vocab_size}.")
+        check_tensor("keep", keep)
+        check_dtype("keep", keep, "bool")
+        check_shape("keep", keep, tokens.shape, "the shape of `tokens`")
+        check_device("keep", keep, tokens.device, "`tokens`")
+    check_int("vocab_size", vocab_size, 1, 2**31 - 1)
     tokens2d = tokens.reshape(math.prod(tokens.shape[:-1]), tokens.shape[-1])
     keep2d = None if keep is None else keep.reshape(tokens2d.shape)
     rng = rng_args(seed, offset, generator, tokens2d.shape[0], tokens.device)
