@@ -21,7 +21,7 @@ from .llada import gumbel_perturbed, num_transfer_tokens
 
 
 def _proposals(logits, temperature, remasking, mask_index, x):
-    exponential = -torch.log(torch.rand_like(logits, dtype=torch.float64))
+    exponential = None if temperature == 0 else -torch.log(torch.rand_like(logits, dtype=torch.float64))
     x0 = torch.argmax(gumbel_perturbed(logits, temperature, exponential), dim=-1)
     if remasking == "low_confidence":
         p = F.softmax(logits.to(torch.float64), dim=-1)

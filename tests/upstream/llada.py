@@ -65,7 +65,9 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                 logits = model(x, attention_mask=attention_mask).logits
             if logits_eos_inf:
                 logits[:, :, eos_id] = -torch.inf
-            if exponential_fn is None:
+            if temperature == 0:
+                exponential = None  # add_gumbel_noise returns the logits untouched
+            elif exponential_fn is None:
                 exponential = -torch.log(torch.rand_like(logits, dtype=torch.float64))
             else:
                 exponential = exponential_fn(counter, bs, be, logits.shape)
