@@ -247,3 +247,28 @@ def test_the_torch_backend_runs_the_fast_path():
     sampled = ddiff.sample(x, temperature=0.8, top_k=40, top_p=0.9, seed=21, offset=2, backend="torch")
     assert torch.equal(sampled, ref_sampling.sample_reference(
         x, torch.full((2,), 0.8), torch.full((2,), 40), torch.full((2,), 0.9), torch.zeros(2), torch.full((2,), 21), 2)[0])
+
+
+def test_noise_from_concurrent_threads():
+    # The NumPy Philox reuses its buffers per thread: threads sampling at once get their own.
+    import threading
+
+    expected = {seed: fast_rng.gumbel(seed, 0, torch.arange(2), torch.arange(1024), 0) for seed in range(4)}
+    results, errors = {}, []
+
+    def draw(seed):
+        try:
+            for _ in range(20):
+                out = fast_rng.gumbel(seed, 0, torch.arange(2), torch.arange(1024), 0)
+                if not torch.equal(out, expected[seed]):
+                    errors.append(seed)
+            results[seed] = True
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=draw, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 4

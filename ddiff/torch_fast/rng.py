@@ -18,6 +18,7 @@ while every ``log`` runs in torch, so the floats are bit-identical to the refere
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Union
 
 import numpy as np
@@ -91,9 +92,19 @@ class _NumpyPlan:
         self.r0 = np.empty((n, width), dtype=np.uint32)
 
 
-@functools.lru_cache(maxsize=32)
+_PLANS = threading.local()  # per thread: two threads sampling at once never share buffers
+
+
 def _plan(n: int, width: int) -> _NumpyPlan:
-    return _NumpyPlan(n, width)
+    plans = getattr(_PLANS, "plans", None)
+    if plans is None:
+        plans = _PLANS.plans = {}
+    plan = plans.get((n, width))
+    if plan is None:
+        if len(plans) >= 32:
+            plans.clear()
+        plan = plans[(n, width)] = _NumpyPlan(n, width)
+    return plan
 
 
 def _philox_numpy(index: np.ndarray, row: np.ndarray, c2: int, c3: int, keys: np.ndarray):
