@@ -1,20 +1,23 @@
-"""Fused categorical sampling and top-k / top-p / min-p filtering.
+"""Fused categorical sampling, top-k / top-p / min-p filtering and the decoding row kernels.
 
-Semantics: ``ddiff.reference.sampling`` (the torch reference). Layout of the work:
+Semantics: ``ddiff.reference.sampling`` / ``ddiff.reference.decoding`` (the torch references).
+Layout of the work:
 
-* Unfiltered ``sample``: one pass over the row. Each noise tile contributes its log-sum-exp
-  plus one Gumbel draw to a tile race, and to the row's online max / normaliser / argmax. A
-  row may be split over several programs (small batches); a finalize kernel merges the
-  partial states, re-reads the winning tile and runs the per-column race inside it. So a row
-  costs ``V / NOISE_TILE + NOISE_TILE`` Philox calls instead of ``V``.
-* Filtering: no sort. The kept set is always ``{key(l) >= threshold}`` (plus the min-p
-  test), where ``key`` is the order-preserving integer image of the logit. The threshold is
-  found by a multi-pivot search: every pass over the row counts (top-k) or weighs (top-p)
-  the tokens above ``NUM_PIVOTS`` pivots at once and narrows the key interval ~17-fold, so
-  bf16 / fp16 rows need at most 4 / 5 passes and fp32 rows 8. The search runs on the key of
-  the input dtype (``KEY_SHIFT`` drops the mantissa bits that dtype cannot have), and its
-  result is exact: the ``k``-th largest logit, ties kept.
-* Filtered ``sample`` fuses filter and race: it never writes a filtered tensor.
+* Unfiltered rows (``sample``, ``predict_tokens``, ``mdlm_step``, ``udlm_step``): a streaming
+  pass of one-warp programs writes per-noise-tile statistics (max, log-sum-exp, and what the
+  confidence needs), then a finalize per row merges them, races the tiles (one Philox draw per
+  tile) and the columns of the winner. A warp owns a whole 1024-column tile, so the hot loop
+  has no block barrier and no per-element mask; rows are split over as many programs as it
+  takes to fill the GPU, whatever the number of active rows (masked rows are compacted on the
+  device first, without a host sync). A row costs ``V / NOISE_TILE + NOISE_TILE`` Philox calls.
+* Filtered rows with top-k (or min-p alone): pass 1 keeps per-lane maxima, whose k-th largest
+  bounds the k-th largest logit from below; pass 2 appends the columns above that bound to a
+  candidate list; the exact filters, both races and the confidence then run on the candidates
+  in registers. Rows whose candidates overflow (heavy ties) or that have no bound (top-p
+  alone) go to the general kernel: a multi-pivot search over the order-preserving integer
+  keys of the logits (16 pivots a pass: at most 4 passes for bf16, 5 for fp16, 8 for fp32) and
+  one fused pass. Both give the exact ``k``-th largest logit and top-p boundary, ties kept.
+* Filtered ``sample`` never writes a filtered tensor; ``filter_logits`` adds one masked copy.
 
 All offsets into the logits are int64 (``row * stride`` passes 2^31 at large B x V).
 """
@@ -222,104 +225,375 @@ def _tile_stats(z, live):
     return m, s, t1, m2, top
 
 
-@triton.jit
-def _sample_partial_kernel(
-    logits_ptr, stride_row, V, num_tiles, tiles_per_part,
-    temp_ptr, temp_value, seed_ptr, seed_stride, seed_value, offset,
-    part_max_ptr, part_sum_ptr, part_score_ptr, part_tile_ptr, part_arg_ptr, part_flags_ptr,
-    HAS_TEMP: tl.constexpr, HAS_SEED: tl.constexpr, NOISE_TILE: tl.constexpr, TILE_BLOCK: tl.constexpr,
-):
-    """Unfiltered sampling, phase 1: one (row, part) program over a run of noise tiles."""
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
-    num_parts = tl.num_programs(1)
-    row_ptr = logits_ptr + row * stride_row
-    temp = _load_param(temp_ptr, row, temp_value, HAS_TEMP).to(tl.float32)
-    temp = tl.where(temp == 0.0, 1.0, temp)
-    k0, k1 = rng_key(_load_param(seed_ptr, row * seed_stride, seed_value, HAS_SEED))
-    c2, c3 = rng_counter_hi(offset, STREAM_TILE)
+# --------------------------------------------------------------------------------------------
+# Unfiltered rows: a streaming pass of per-tile statistics, then a per-row finalize.
+#
+# The pass runs programs of ONE warp, each over a run of whole noise tiles of one row: a tile
+# is a [CHUNKS, LANES] block, so every reduction stays inside the warp (shuffles, no block
+# barrier) and each thread keeps CHUNKS 16-byte loads in flight. Per tile it writes a handful
+# of fp32 statistics (max, log-sum-exp, ...) to a [NUM_STATS, R, T] scratch buffer: 8 to 24
+# bytes per 2 KB of bf16 logits. Only full tiles are streamed, with no mask; the finalize
+# recomputes the few "special" tiles itself (the ragged last tile, tiles holding a suppressed
+# id), so the hot loop has no per-element masking at all. The finalize merges a row's tile
+# statistics, runs the tile race (one Philox draw per tile, vectorised over tiles) and the
+# column race inside the winning tile, and derives the confidence.
+# --------------------------------------------------------------------------------------------
 
-    tile_begin = part * tiles_per_part
-    tile_end = tl.minimum(tile_begin + tiles_per_part, num_tiles)
-    cols0 = tl.arange(0, TILE_BLOCK)
-    run_max = tl.full([], _NEG_INF, tl.float32)
-    run_sum = tl.full([], 0.0, tl.float32)
-    best_score = tl.full([], _NEG_INF, tl.float32)
-    best_tile = tile_begin + tl.zeros([], tl.int32)
-    arg = tl.full([], 0, tl.int64)
-    bad = tl.full([], 0, tl.int32)
-    for tile in range(tile_begin, tile_end):
-        cols = tile * NOISE_TILE + cols0
-        x = tl.load(row_ptr + cols, mask=cols < V, other=_NEG_INF).to(tl.float32)
-        z = x / temp
-        bad = bad | tl.max(((z != z) | (z == float("inf"))).to(tl.int32), 0)
-        tile_max = tl.max(z, 0)
-        has_mass = tile_max > _NEG_INF
-        safe_max = tl.where(has_mass, tile_max, 0.0)
-        tile_sum = tl.sum(tl.exp(z - safe_max), 0)
-        tile_lse = tl.where(has_mass, safe_max + tl.log(tl.where(has_mass, tile_sum, 1.0)), _NEG_INF)
-        score = tile_lse + philox_gumbel(k0, k1, c2, c3, row, tile)
-        better = score > best_score
-        best_tile = tl.where(better, tile, best_tile)
-        best_score = tl.where(better, score, best_score)
-        tile_arg = tl.argmax(z, 0).to(tl.int64) + tile * NOISE_TILE
-        arg = tl.where(tile_max > run_max, tile_arg, arg)
-        run_max, run_sum, _, _ = _merge_stats(run_max, run_sum, 0.0, _NEG_INF, tile_max, tile_sum, 0.0, _NEG_INF)
-    slot = row * num_parts + part
-    tl.store(part_max_ptr + slot, run_max)
-    tl.store(part_sum_ptr + slot, run_sum)
-    tl.store(part_score_ptr + slot, best_score)
-    tl.store(part_tile_ptr + slot, best_tile)
-    tl.store(part_arg_ptr + slot, arg)
-    tl.store(part_flags_ptr + slot, bad)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+TILE_CHUNKS = 4  # a noise tile is [TILE_CHUNKS, NOISE_TILE // TILE_CHUNKS] in the streaming pass
+
+# Slots of the per-tile statistics (first axis of the scratch buffer).
+STAT_MAX = tl.constexpr(0)  # max of x (the logits, not tempered)
+STAT_LSE = tl.constexpr(1)  # log-sum-exp of z = x / T
+STAT_M2 = tl.constexpr(2)  # second largest x, ties counted twice (margin only)
+STAT_T1 = tl.constexpr(3)  # sum of exp(z - max z) * (z - max z) (neg_entropy only)
+STAT_RAW_LSE = tl.constexpr(4)  # log-sum-exp of x (confidence_from="raw" at T != 1)
+STAT_RAW_T1 = tl.constexpr(5)  # the T1 statistic of x
+NUM_STATS = 6
 
 
 @triton.jit
-def _sample_finalize_kernel(
-    logits_ptr, stride_row, V, num_parts,
-    temp_ptr, temp_value, seed_ptr, seed_stride, seed_value, offset,
-    part_max_ptr, part_sum_ptr, part_score_ptr, part_tile_ptr, part_arg_ptr, part_flags_ptr,
-    tokens_ptr, probs_ptr,
-    HAS_TEMP: tl.constexpr, HAS_SEED: tl.constexpr, NOISE_TILE: tl.constexpr, TILE_BLOCK: tl.constexpr,
-    PARTS_BLOCK: tl.constexpr,
+def _top2_combine(a1, a2, b1, b2):
+    return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+
+
+@triton.jit
+def _second_max(x):
+    """Second largest entry of a 2-D block, ties counted twice (in-thread axis first)."""
+    lo = tl.full(x.shape, _NEG_INF, tl.float32)
+    a1, a2 = tl.reduce((x, lo), 0, _top2_combine)
+    _, b2 = tl.reduce((a1, a2), 0, _top2_combine)
+    return b2
+
+
+@triton.jit
+def _block_lse(x, m_safe, scale, WANT_T1: tl.constexpr):
+    """Natural log-sum-exp of ``x * scale`` over a 2-D block and its T1 statistic, given the
+    block's max ``m_safe`` (0 for an empty block). ``scale`` is 1 / T."""
+    y = x * (scale * LOG2E) - m_safe * (scale * LOG2E)  # log2 of exp(z - max z): one FFMA
+    if WANT_T1:
+        y = tl.maximum(y, -3.0e38)  # keep 0 * y finite where x is -inf
+    e = tl.exp2(y)
+    s = tl.sum(tl.sum(e, 0), 0)
+    lse = m_safe * scale + tl.log(s)
+    t1 = 0.0
+    if WANT_T1:
+        t1 = tl.sum(tl.sum(e * y, 0), 0) * LN2
+    return lse, t1
+
+
+@triton.jit
+def _tile_statistics(x, inv_t, WANT_M2: tl.constexpr, WANT_T1: tl.constexpr, WANT_RAW: tl.constexpr):
+    """Per-tile statistics of a 2-D block of fp32 logits (-inf = excluded): see the STAT_ slots."""
+    m = tl.max(tl.max(x, 0), 0)
+    m_safe = tl.where(m == _NEG_INF, 0.0, m)
+    lse, t1 = _block_lse(x, m_safe, inv_t, WANT_T1)
+    m2 = _NEG_INF
+    if WANT_M2:
+        m2 = _second_max(x)
+    raw_lse = 0.0
+    raw_t1 = 0.0
+    if WANT_RAW:
+        raw_lse, raw_t1 = _block_lse(x, m_safe, 1.0, WANT_T1)
+    return m, lse, m2, t1, raw_lse, raw_t1
+
+
+@triton.jit
+def _temperature(temp_ptr, row, temp_value):
+    """(raw temperature, temperature used for scaling: 1 for greedy rows)."""
+    if temp_ptr is not None:
+        raw = tl.load(temp_ptr + row).to(tl.float32)
+    else:
+        raw = temp_value + tl.zeros([], tl.float32)
+    return raw, tl.where(raw == 0.0, 1.0, raw)
+
+
+@triton.jit
+def _active_count(count_ptr, count_value):
+    if count_ptr is not None:
+        return tl.load(count_ptr)
+    return count_value + tl.zeros([], tl.int32)
+
+
+@triton.jit
+def _row_of_slot(rows_ptr, slot):
+    if rows_ptr is not None:
+        return tl.load(rows_ptr + slot).to(tl.int64)
+    return slot + tl.zeros([], tl.int64)
+
+
+@triton.jit
+def _select_rows_kernel(mask_ptr, gate_ptr, seed_ptr, seed_stride, seed_value, offset, rows,
+                        rows_out_ptr, count_ptr, tokens_ptr, conf_ptr, argmax_ptr, BLOCK: tl.constexpr):
+    """Rows to compute: ``mask`` and the posterior coin (a STREAM_POSTERIOR uniform below
+    ``gate``). Inactive rows get their outputs (-1, -inf, -1) here; active ones are appended
+    to ``rows_out`` (in no particular order: each row's result depends on nothing else)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = r < rows
+    active = inb
+    if mask_ptr is not None:
+        active = active & (tl.load(mask_ptr + r, mask=inb, other=0) != 0)
+    if gate_ptr is not None:
+        if seed_ptr is not None:
+            seed = tl.load(seed_ptr + r * seed_stride, mask=inb, other=0)
+        else:
+            seed = seed_value + tl.zeros([BLOCK], tl.int64)
+        k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+        k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        c2, c3 = rng_counter_hi(offset, STREAM_POSTERIOR)
+        u = philox_uniform(k0, k1, c2, c3, r, tl.zeros([BLOCK], tl.int64))
+        active = active & (u < tl.load(gate_ptr + r, mask=inb, other=0.0))
+    idle = inb & ~active
+    tl.store(tokens_ptr + r, tl.full([BLOCK], -1, tl.int64), mask=idle)
+    tl.store(conf_ptr + r, tl.full([BLOCK], _NEG_INF, tl.float32), mask=idle)
+    if argmax_ptr is not None:
+        tl.store(argmax_ptr + r, tl.full([BLOCK], -1, tl.int64), mask=idle)
+    flags = active.to(tl.int32)
+    base = tl.atomic_add(count_ptr, tl.sum(flags, 0))
+    pos = base + tl.cumsum(flags, 0) - 1
+    tl.store(rows_out_ptr + pos, r.to(tl.int32), mask=active)
+
+
+@triton.jit
+def _tile_pass_kernel(
+    logits_ptr, stride_row, num_full_tiles, num_tiles, rows_ptr, count_ptr, count_value, target_items,
+    temp_ptr, temp_value, stats_ptr, stats_stride,
+    WANT_M2: tl.constexpr, WANT_T1: tl.constexpr, WANT_RAW: tl.constexpr,
+    CHUNKS: tl.constexpr, NOISE_TILE: tl.constexpr,
 ):
-    """Unfiltered sampling, phase 2: merge the parts, race inside the winning tile."""
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    raw_temp = _load_param(temp_ptr, row, temp_value, HAS_TEMP).to(tl.float32)
-    greedy = raw_temp == 0.0
-    temp = tl.where(greedy, 1.0, raw_temp)
+    """Streaming pass (one warp per program): per-tile statistics of every full noise tile of
+    the active rows. Work items are (row slot, run of tiles); the run length adapts to the
+    number of active rows so that about ``target_items`` items exist."""
+    LANES: tl.constexpr = NOISE_TILE // CHUNKS
+    stats_stride = stats_stride + tl.zeros([], tl.int64)
+    count = _active_count(count_ptr, count_value)
+    parts = tl.minimum(tl.maximum((target_items + count - 1) // tl.maximum(count, 1), 1), num_full_tiles)
+    tiles_per_part = (num_full_tiles + parts - 1) // parts
+    parts = (num_full_tiles + tiles_per_part - 1) // tiles_per_part
+    offs = tl.arange(0, CHUNKS)[:, None] * LANES + tl.arange(0, LANES)[None, :]
+    for item in range(tl.program_id(0), count * parts, tl.num_programs(0)):
+        slot = item // parts
+        part = item - slot * parts
+        row = _row_of_slot(rows_ptr, slot)
+        _, temp = _temperature(temp_ptr, row, temp_value)
+        inv_t = 1.0 / temp
+        row_ptr = logits_ptr + row * stride_row
+        out_ptr = stats_ptr + row * num_tiles
+        tile_end = tl.minimum(part * tiles_per_part + tiles_per_part, num_full_tiles)
+        for tile in range(part * tiles_per_part, tile_end):
+            x = tl.load(row_ptr + tile * NOISE_TILE + offs).to(tl.float32)
+            m, lse, m2, t1, raw_lse, raw_t1 = _tile_statistics(x, inv_t, WANT_M2, WANT_T1, WANT_RAW)
+            tl.store(out_ptr + STAT_MAX * stats_stride + tile, m)
+            tl.store(out_ptr + STAT_LSE * stats_stride + tile, lse)
+            if WANT_M2:
+                tl.store(out_ptr + STAT_M2 * stats_stride + tile, m2)
+            if WANT_T1:
+                tl.store(out_ptr + STAT_T1 * stats_stride + tile, t1)
+            if WANT_RAW:
+                tl.store(out_ptr + STAT_RAW_LSE * stats_stride + tile, raw_lse)
+                if WANT_T1:
+                    tl.store(out_ptr + STAT_RAW_T1 * stats_stride + tile, raw_t1)
 
-    parts = tl.arange(0, PARTS_BLOCK)
-    live = parts < num_parts
-    slot = row * num_parts + parts
-    p_max = tl.load(part_max_ptr + slot, mask=live, other=_NEG_INF)
-    p_sum = tl.load(part_sum_ptr + slot, mask=live, other=0.0)
-    p_score = tl.load(part_score_ptr + slot, mask=live, other=_NEG_INF)
-    p_tile = tl.load(part_tile_ptr + slot, mask=live, other=0)
-    p_arg = tl.load(part_arg_ptr + slot, mask=live, other=0)
-    p_bad = tl.load(part_flags_ptr + slot, mask=live, other=0)
 
-    z_max = tl.max(p_max, 0)
-    safe_max = tl.where(z_max > _NEG_INF, z_max, 0.0)
-    norm = tl.sum(tl.where(p_max > _NEG_INF, p_sum * tl.exp(p_max - safe_max), 0.0), 0)
-    first_max_part = tl.min(tl.where(p_max == z_max, parts, PARTS_BLOCK), 0)
-    arg = tl.sum(tl.where(parts == first_max_part, p_arg, 0), 0)
-    win_part = tl.argmax(p_score, 0)
-    tile = tl.sum(tl.where(parts == win_part, p_tile, 0), 0)
-    bad = (tl.max(p_bad, 0) != 0) | (z_max == _NEG_INF)
+@triton.jit
+def _masked_tile(row_ptr, tile, V, supp_ptr, csupp_ptr, offs, NUM_SUPPRESS: tl.constexpr,
+                 NUM_CONF_SUPPRESS: tl.constexpr, NOISE_TILE: tl.constexpr):
+    """fp32 logits of one noise tile with out-of-range and suppressed ids at -inf (and the
+    confidence-suppressed ids too when NUM_CONF_SUPPRESS > 0), and the columns."""
+    cols = (tile + tl.zeros([], tl.int64)) * NOISE_TILE + offs
+    x = tl.load(row_ptr + cols, mask=cols < V, other=_NEG_INF).to(tl.float32)
+    for i in tl.static_range(NUM_SUPPRESS):
+        x = tl.where(cols == tl.load(supp_ptr + i), _NEG_INF, x)
+    for i in tl.static_range(NUM_CONF_SUPPRESS):
+        x = tl.where(cols == tl.load(csupp_ptr + i), _NEG_INF, x)
+    return x, cols
 
-    k0, k1 = rng_key(_load_param(seed_ptr, row * seed_stride, seed_value, HAS_SEED))
-    c2, c3 = rng_counter_hi(offset, STREAM_TOKEN)
-    no_floor = tl.full([], -(2**40), tl.int64)
-    raced = _race_in_tile(row_ptr, V, logits_ptr, tile, temp, no_floor, 0.0, safe_max, k0, k1, c2, c3, row,
-                          0, 0, NOISE_TILE, TILE_BLOCK)
-    token = tl.where(greedy, arg, raced)
-    token = tl.minimum(tl.maximum(token, 0), V - 1)
-    z_tok = tl.load(row_ptr + token).to(tl.float32) / temp
-    prob = tl.exp(z_tok - safe_max) / norm
-    tl.store(tokens_ptr + row, tl.where(bad, -1, token))
-    tl.store(probs_ptr + row, tl.where(bad, float("nan"), prob))
+
+@triton.jit
+def _first_argmax_2d(x, cols):
+    """First column of the maximum of a 2-D block (torch.argmax's tie rule)."""
+    m = tl.max(tl.max(x, 0), 0)
+    return tl.min(tl.min(tl.where(x == m, cols, 2**62), 0), 0)
+
+
+@triton.jit
+def _chunk_merge(m, s, t1, m2, mz, lse, t1_t, m2z, live):
+    """Merge running (max, sum, T1, second max) of z with a vector of tile statistics."""
+    finite = live & (mz > _NEG_INF)
+    mz = tl.where(live, mz, _NEG_INF)
+    c_m = tl.max(mz, 0)
+    c_safe = tl.where(c_m == _NEG_INF, 0.0, c_m)
+    c_s = tl.sum(tl.where(finite, tl.exp(lse - c_safe), 0.0), 0)
+    # T1 of a tile is relative to its own max: shift it to the chunk's.
+    w = tl.where(finite, tl.exp(mz - c_safe), 0.0)
+    s_t = tl.where(finite, tl.exp(lse - tl.where(finite, mz, 0.0)), 0.0)
+    c_t1 = tl.sum(tl.where(finite, w * (t1_t + (mz - c_safe) * s_t), 0.0), 0)
+    lo = tl.full(mz.shape, _NEG_INF, tl.float32)
+    _, top2 = tl.reduce((mz, lo), 0, _top2_combine)
+    c_m2 = tl.maximum(top2, tl.max(tl.where(live, m2z, _NEG_INF), 0))
+    return _merge_stats(m, s, t1, m2, c_m, c_s, c_t1, c_m2)
+
+
+@triton.jit
+def _finalize_kernel(
+    logits_ptr, stride_row, V, num_full_tiles, num_tiles, rows_ptr, count_ptr, count_value,
+    supp_ptr, csupp_ptr, query_ptr, temp_ptr, temp_value, seed_ptr, seed_stride, seed_value, offset,
+    stats_ptr, stats_stride, tokens_ptr, conf_ptr, argmax_ptr,
+    NUM_SUPPRESS: tl.constexpr, NUM_CONF_SUPPRESS: tl.constexpr, CONFIDENCE: tl.constexpr, CONF_RAW: tl.constexpr,
+    WANT_M2: tl.constexpr, WANT_T1: tl.constexpr, WANT_RAW: tl.constexpr,
+    TILES_BLOCK: tl.constexpr, CHUNKS: tl.constexpr, LANES: tl.constexpr, NOISE_TILE: tl.constexpr,
+):
+    """Per active row: merge the tile statistics (recomputing the special tiles), race the
+    tiles, race the columns of the winner, and score the token. A tile is read as a
+    [CHUNKS, LANES] block: CHUNKS * LANES is NOISE_TILE, or less when the whole row is shorter
+    (the columns past V are masked anyway, so the draws do not depend on it)."""
+    offs = tl.arange(0, CHUNKS)[:, None] * LANES + tl.arange(0, LANES)[None, :]
+    tids0 = tl.arange(0, TILES_BLOCK)
+    stats_stride = stats_stride + tl.zeros([], tl.int64)
+    count = _active_count(count_ptr, count_value)
+    for slot in range(tl.program_id(0), count, tl.num_programs(0)):
+        row = _row_of_slot(rows_ptr, slot)
+        raw_temp, temp = _temperature(temp_ptr, row, temp_value)
+        greedy = raw_temp == 0.0
+        inv_t = 1.0 / temp
+        row_ptr = logits_ptr + row * stride_row
+        stat_row = stats_ptr + row * num_tiles
+        if seed_ptr is not None:
+            seed = tl.load(seed_ptr + row * seed_stride)
+        else:
+            seed = seed_value + tl.zeros([], tl.int64)
+        k0, k1 = rng_key(seed)
+        c2, c3 = rng_counter_hi(offset, STREAM_TILE)
+
+        # Running statistics of z (the race) and of the confidence distribution.
+        zero = tl.zeros([], tl.float32)
+        s_m, s_s, s_t1, s_m2 = zero + _NEG_INF, zero, zero, zero + _NEG_INF
+        c_m, c_s, c_t1, c_m2 = zero + _NEG_INF, zero, zero, zero + _NEG_INF
+        x_max = _NEG_INF + tl.zeros([], tl.float32)
+        max_tile = tl.zeros([], tl.int32)
+        best_score = _NEG_INF + tl.zeros([], tl.float32)
+        best_tile = tl.zeros([], tl.int32)
+        bad = tl.zeros([], tl.int1)
+        for t0 in range(0, num_tiles, TILES_BLOCK):
+            tids = t0 + tids0
+            live = tids < num_tiles
+            full = tids < num_full_tiles
+            t_m = tl.load(stat_row + STAT_MAX * stats_stride + tids, mask=full, other=_NEG_INF)
+            t_lse = tl.load(stat_row + STAT_LSE * stats_stride + tids, mask=full, other=_NEG_INF)
+            t_m2 = _NEG_INF + tl.zeros([TILES_BLOCK], tl.float32)
+            t_t1 = tl.zeros([TILES_BLOCK], tl.float32)
+            r_lse = t_lse
+            r_t1 = t_t1
+            if WANT_M2:
+                t_m2 = tl.load(stat_row + STAT_M2 * stats_stride + tids, mask=full, other=_NEG_INF)
+            if WANT_T1:
+                t_t1 = tl.load(stat_row + STAT_T1 * stats_stride + tids, mask=full, other=0.0)
+            if WANT_RAW:
+                r_lse = tl.load(stat_row + STAT_RAW_LSE * stats_stride + tids, mask=full, other=_NEG_INF)
+                if WANT_T1:
+                    r_t1 = tl.load(stat_row + STAT_RAW_T1 * stats_stride + tids, mask=full, other=0.0)
+            # Special tiles: the ragged last one and those holding a suppressed id.
+            for i in tl.static_range(1 + NUM_SUPPRESS):
+                if i == 0:
+                    sp = num_tiles - 1 + tl.zeros([], tl.int32)
+                    hit = num_full_tiles < num_tiles
+                else:
+                    sp = (tl.load(supp_ptr + (i - 1)) // NOISE_TILE).to(tl.int32)
+                    hit = True
+                if hit & (sp >= t0) & (sp < t0 + TILES_BLOCK):
+                    x, _ = _masked_tile(row_ptr, sp, V, supp_ptr, csupp_ptr, offs, NUM_SUPPRESS, 0, NOISE_TILE)
+                    m, lse, m2, t1, raw_lse, raw_t1 = _tile_statistics(x, inv_t, WANT_M2, WANT_T1, WANT_RAW)
+                    at = tids == sp
+                    t_m = tl.where(at, m, t_m)
+                    t_lse = tl.where(at, lse, t_lse)
+                    t_m2 = tl.where(at, m2, t_m2)
+                    t_t1 = tl.where(at, t1, t_t1)
+                    if WANT_RAW:
+                        r_lse = tl.where(at, raw_lse, r_lse)
+                        r_t1 = tl.where(at, raw_t1, r_t1)
+                    else:
+                        r_lse = tl.where(at, lse, r_lse)
+                        r_t1 = tl.where(at, t1, r_t1)
+            bad = bad | (tl.max(((t_lse != t_lse) | (t_m == float("inf"))).to(tl.int32), 0) != 0)
+            # Tile race (first maximal score wins, as torch.argmax).
+            score = tl.where(live, t_lse + philox_gumbel(k0, k1, c2, c3, row, tids), _NEG_INF)
+            c_best = tl.max(score, 0)
+            c_best_tile = tl.min(tl.where(score == c_best, tids, 2147483647), 0)
+            take = c_best > best_score
+            best_tile = tl.where(take, c_best_tile, best_tile)
+            best_score = tl.where(take, c_best, best_score)
+            c_xmax = tl.max(tl.where(live, t_m, _NEG_INF), 0)
+            c_max_tile = tl.min(tl.where(live & (t_m == c_xmax), tids, 2147483647), 0)
+            max_tile = tl.where(c_xmax > x_max, c_max_tile, max_tile)
+            x_max = tl.maximum(x_max, c_xmax)
+            s_m, s_s, s_t1, s_m2 = _chunk_merge(s_m, s_s, s_t1, s_m2, t_m * inv_t, t_lse, t_t1, t_m2 * inv_t, live)
+            # The confidence distribution: raw logits (T = 1) or the sampling one, without the
+            # confidence-suppressed ids (their tiles recomputed).
+            if CONF_RAW:
+                q_m, q_lse, q_t1, q_m2 = t_m, r_lse, r_t1, t_m2
+                q_scale = 1.0
+            else:
+                q_m, q_lse, q_t1, q_m2 = t_m, t_lse, t_t1, t_m2
+                q_scale = inv_t
+            for i in tl.static_range(NUM_CONF_SUPPRESS):
+                sp = (tl.load(csupp_ptr + i) // NOISE_TILE).to(tl.int32)
+                if (sp >= t0) & (sp < t0 + TILES_BLOCK):
+                    x, _ = _masked_tile(row_ptr, sp, V, supp_ptr, csupp_ptr, offs, NUM_SUPPRESS, NUM_CONF_SUPPRESS,
+                                        NOISE_TILE)
+                    m, lse, m2, t1, _r_lse, _r_t1 = _tile_statistics(x, q_scale, WANT_M2, WANT_T1, False)
+                    at = tids == sp
+                    q_m = tl.where(at, m, q_m)
+                    q_lse = tl.where(at, lse, q_lse)
+                    q_m2 = tl.where(at, m2, q_m2)
+                    q_t1 = tl.where(at, t1, q_t1)
+            c_m, c_s, c_t1, c_m2 = _chunk_merge(c_m, c_s, c_t1, c_m2, q_m * q_scale, q_lse, q_t1, q_m2 * q_scale,
+                                                live)
+        bad = bad | (x_max == _NEG_INF) | (x_max * inv_t == float("inf"))
+
+        # The token: the first maximal column (greedy), or the column race in the winning tile.
+        need_argmax = greedy
+        if argmax_ptr is not None:
+            need_argmax = True
+        argmax_col = tl.zeros([], tl.int64)
+        if need_argmax:
+            x, cols = _masked_tile(row_ptr, max_tile, V, supp_ptr, csupp_ptr, offs, NUM_SUPPRESS, 0, NOISE_TILE)
+            argmax_col = _first_argmax_2d(x, cols)
+        token = argmax_col
+        if raw_temp != 0.0:
+            x, cols = _masked_tile(row_ptr, best_tile, V, supp_ptr, csupp_ptr, offs, NUM_SUPPRESS, 0, NOISE_TILE)
+            c2t, c3t = rng_counter_hi(offset, STREAM_TOKEN)
+            score = tl.where(x > _NEG_INF, x / temp + philox_gumbel(k0, k1, c2t, c3t, row, cols), _NEG_INF)
+            token = _first_argmax_2d(score, cols)
+        token = tl.minimum(tl.maximum(token, 0), V - 1)
+
+        c_safe = tl.where(c_m > _NEG_INF, c_m, 0.0)
+        c_empty = c_s == 0.0
+        c_norm = tl.where(c_empty, 1.0, c_s)
+        if CONFIDENCE == 0:
+            if query_ptr is not None:
+                pick = tl.minimum(tl.maximum(tl.load(query_ptr + row), 0), V - 1)  # never read out of bounds
+            else:
+                pick = token
+            if CONF_RAW:
+                z_pick = tl.load(row_ptr + pick).to(tl.float32)
+            else:
+                z_pick = tl.load(row_ptr + pick).to(tl.float32) / temp
+            conf = tl.exp(z_pick - c_safe) / c_norm
+            for i in tl.static_range(NUM_CONF_SUPPRESS):
+                conf = tl.where(pick == tl.load(csupp_ptr + i), 0.0, conf)
+            conf = tl.where(c_empty, 0.0, conf)
+        elif CONFIDENCE == 1:
+            conf = tl.where(c_empty, 0.0, (1.0 - tl.exp(c_m2 - c_safe)) / c_norm)
+        elif CONFIDENCE == 2:
+            conf = tl.where(c_empty, _NEG_INF, c_t1 / c_norm - tl.log(c_norm))
+        else:
+            c2r, c3r = rng_counter_hi(offset, STREAM_CONFIDENCE)
+            conf = philox_uniform(k0, k1, c2r, c3r, row, 0)
+        tl.store(tokens_ptr + row, tl.where(bad, -1, token))
+        tl.store(conf_ptr + row, tl.where(bad, float("nan"), conf))
+        if argmax_ptr is not None:
+            tl.store(argmax_ptr + row, tl.where(bad, -1, tl.minimum(argmax_col, V - 1)))
 
 
 # Confidence kinds of the row kernel (CONFIDENCE constexpr).
@@ -340,9 +614,11 @@ def _row_kernel(
     HAS_MIN_P: tl.constexpr, HAS_SEED: tl.constexpr, FILTERED: tl.constexpr, TOP_P_BD3LM: tl.constexpr,
     CONFIDENCE: tl.constexpr, CONF_RAW: tl.constexpr, RETURN_ARGMAX: tl.constexpr,
     KEY_SHIFT: tl.constexpr, NUM_PIVOTS: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
-    NOISE_TILE: tl.constexpr, TILE_BLOCK: tl.constexpr,
+    NOISE_TILE: tl.constexpr, TILE_BLOCK: tl.constexpr, SKIP_INACTIVE: tl.constexpr,
 ):
-    """One program per row: [stats + threshold search], one fused pass, the token race.
+    """The general filtered row kernel, one program per row: stats, multi-pivot threshold
+    search, one fused pass, the token race. It serves the rows _filtered_row_kernel flags
+    (``mask``; ``SKIP_INACTIVE``: the other rows are left untouched).
 
     The fused pass runs the tile race on the sampling distribution and gathers the softmax
     statistics the confidence needs, of the sampling distribution (``CONF_RAW`` False) or of
@@ -480,7 +756,7 @@ def _row_kernel(
         tl.store(conf_ptr + row, tl.where(bad != 0, float("nan"), conf))
         if RETURN_ARGMAX:
             tl.store(argmax_ptr + row, tl.where(bad != 0, -1, tl.minimum(x_arg, V - 1)))
-    else:
+    elif not SKIP_INACTIVE:
         tl.store(tokens_ptr + row, -1)
         tl.store(conf_ptr + row, _NEG_INF)
         if RETURN_ARGMAX:
@@ -489,13 +765,17 @@ def _row_kernel(
 
 @triton.jit
 def _filter_logits_kernel(
-    logits_ptr, stride_row, out_ptr, out_stride_row, bad_ptr, V,
+    logits_ptr, stride_row, out_ptr, out_stride_row, bad_ptr, rows_mask_ptr, V,
     top_k_ptr, top_k_value, top_p_ptr, top_p_value, min_p_ptr, min_p_value,
     HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr, TOP_P_BD3LM: tl.constexpr,
     KEY_SHIFT: tl.constexpr, NUM_PIVOTS: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
 ):
-    """filter_logits, one program per row: stats, threshold search, masked copy."""
+    """filter_logits, general path, one program per row: stats, multi-pivot threshold search,
+    masked copy. Runs the rows ``rows_mask`` flags (all rows when None)."""
     row = tl.program_id(0).to(tl.int64)
+    if rows_mask_ptr is not None:
+        if tl.load(rows_mask_ptr + row) == 0:
+            return
     row_ptr = logits_ptr + row * stride_row
     out_row_ptr = out_ptr + row * out_stride_row
     top_k = _load_param(top_k_ptr, row, top_k_value, HAS_TOP_K).to(tl.int64)
@@ -521,6 +801,366 @@ def _filter_logits_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# Filtered rows with top-k (or min-p): two passes and a candidate list.
+#
+# Pass 1 keeps a running maximum per lane of a FILTER_BLOCK-wide block. The k-th largest of
+# those lane maxima, L, is a lower bound of the k-th largest logit (the k lanes above it hold k
+# distinct tokens), so every top-k survivor has a logit >= L. Pass 2 appends the columns with a
+# logit >= L to a per-row candidate list (an atomic counter per row; about k entries on real
+# logits). Everything else (the exact k-th largest, the top-p boundary, min-p, the tile race,
+# the column race, the confidence) runs on the candidates in registers, with the exact rules of
+# the reference: no third pass over the row. A row whose candidates overflow CANDIDATES (ties,
+# flat rows, large k) or that has no such bound (top-p alone) is flagged and handled by the
+# general multi-pivot kernel above (``_row_kernel`` / ``_filter_logits_kernel``).
+# --------------------------------------------------------------------------------------------
+
+CANDIDATES = 512
+FILTER_BLOCK = 2048
+
+
+@triton.jit
+def _masked_block(row_ptr, start, cols0, V, supp_ptr, NUM_SUPPRESS: tl.constexpr, BLOCK: tl.constexpr,
+                  FULL: tl.constexpr):
+    """fp32 logits of the block at ``start``; suppressed (and, unless FULL, out-of-range) ids
+    read -inf. A suppressed id costs a compare only in the block that holds it."""
+    cols = start + cols0
+    if FULL:
+        x = tl.load(row_ptr + cols).to(tl.float32)
+    else:
+        x = tl.load(row_ptr + cols, mask=cols < V, other=_NEG_INF).to(tl.float32)
+    for i in tl.static_range(NUM_SUPPRESS):
+        sid = tl.load(supp_ptr + i)
+        if (sid >= start) & (sid < start + BLOCK):
+            x = tl.where(cols == sid, _NEG_INF, x)
+    return x, cols
+
+
+@triton.jit
+def _lane_maxima(row_ptr, V, supp_ptr, NUM_SUPPRESS: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1: per-lane maxima (NaN and +inf propagate, so they flag the row)."""
+    cols0 = tl.arange(0, BLOCK)
+    lm = tl.full([BLOCK], _NEG_INF, tl.float32)
+    v_full = (V // BLOCK) * BLOCK
+    for start in range(0, v_full, BLOCK):
+        x, _ = _masked_block(row_ptr, start, cols0, V, supp_ptr, NUM_SUPPRESS, BLOCK, True)
+        lm = tl.maximum(lm, x, propagate_nan=tl.PropagateNan.ALL)
+    if v_full < V:
+        x, _ = _masked_block(row_ptr, v_full, cols0, V, supp_ptr, NUM_SUPPRESS, BLOCK, False)
+        lm = tl.maximum(lm, x, propagate_nan=tl.PropagateNan.ALL)
+    return lm
+
+
+@triton.jit
+def _vector_threshold(key, w, lo, hi, target, NUM_PIVOTS: tl.constexpr):
+    """Largest key ``t`` in ``[lo, hi)`` with ``sum(w[key >= t]) >= target``, and that sum at
+    ``t + 1``: the multi-pivot search of _search_threshold on a register vector."""
+    piv_ids = tl.arange(0, NUM_PIVOTS).to(tl.int64) + 1
+    f_hi = tl.full([], 0.0, tl.float32)
+    passes = 0
+    while (hi - lo > 1) & (passes < 40):
+        pivots = lo + ((hi - lo) * piv_ids) // (NUM_PIVOTS + 1)
+        acc = tl.sum(tl.where(key[None, :] >= pivots[:, None], w[None, :], 0.0), 1)
+        ok = acc >= target
+        f_hi = tl.maximum(f_hi, tl.max(tl.where(ok, 0.0, acc), 0))
+        lo = tl.max(tl.where(ok, pivots, lo), 0)
+        hi = tl.min(tl.where(ok, hi, pivots), 0)
+        passes += 1
+    return lo, f_hi
+
+
+@triton.jit
+def _candidate_bound(lm, temp, top_k, top_p, min_p, V, KEY_SHIFT: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+                     LANES: tl.constexpr):
+    """The lower bound L of pass 2 (-inf: no bound, use the general kernel). The lane maxima
+    are first folded to LANES values (maxima of groups of lanes: still distinct tokens)."""
+    lm = tl.max(tl.reshape(lm, [LANES, lm.shape[0] // LANES]), 1)
+    x_max = tl.max(lm, 0)
+    bound = tl.full([], _NEG_INF, tl.float32)
+    if (top_k > 0) & (top_k < V):
+        if top_k <= lm.shape[0]:
+            key = _order_key(lm, KEY_SHIFT)
+            lo = tl.min(key, 0)
+            hi = tl.max(key, 0) + 1
+            key_l, _ = _vector_threshold(key, tl.full(lm.shape, 1.0, tl.float32), lo, hi, top_k.to(tl.float32),
+                                         NUM_PIVOTS)
+            bound = _key_value(key_l, KEY_SHIFT)
+    elif (min_p > 0.0) & (top_p >= 1.0):
+        # exp(z - max z) >= min_p  <=>  x >= max x + T log(min_p), loosened so that rounding
+        # never drops a token the exact test keeps (the candidates are re-tested).
+        bound = x_max + temp * tl.log(min_p)
+        bound = bound - 1e-3 * tl.maximum(tl.abs(bound), 1.0)
+    return bound
+
+
+@triton.jit
+def _collect_candidates(row_ptr, V, supp_ptr, bound, cand_ptr, count_ptr, NUM_SUPPRESS: tl.constexpr,
+                        BLOCK: tl.constexpr, CAP: tl.constexpr):
+    """Pass 2: append every column with a logit >= bound (at most CAP are stored)."""
+    cols0 = tl.arange(0, BLOCK)
+    v_full = (V // BLOCK) * BLOCK
+    for start in range(0, v_full, BLOCK):
+        x, cols = _masked_block(row_ptr, start, cols0, V, supp_ptr, NUM_SUPPRESS, BLOCK, True)
+        hit = x >= bound
+        slot = tl.atomic_add(count_ptr + tl.zeros([BLOCK], tl.int32), 1, mask=hit)
+        tl.store(cand_ptr + slot, cols.to(tl.int32), mask=hit & (slot < CAP))
+    if v_full < V:
+        x, cols = _masked_block(row_ptr, v_full, cols0, V, supp_ptr, NUM_SUPPRESS, BLOCK, False)
+        hit = x >= bound
+        slot = tl.atomic_add(count_ptr + tl.zeros([BLOCK], tl.int32), 1, mask=hit)
+        tl.store(cand_ptr + slot, cols.to(tl.int32), mask=hit & (slot < CAP))
+
+
+@triton.jit
+def _candidate_filter(x, live, V, temp, top_k, top_p, min_p, KEY_SHIFT: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+                      TOP_P_BD3LM: tl.constexpr):
+    """The reference's top-k -> top-p -> min-p on the candidates (which hold every top-k
+    survivor): the kept mask, z, exp(z - max z) and the key threshold."""
+    key = _order_key(x, KEY_SHIFT)
+    no_key = tl.full([], 2**40, tl.int64)
+    lo = tl.min(tl.where(live, key, no_key), 0)
+    hi = tl.max(tl.where(live, key, -no_key), 0) + 1
+    key_k = lo
+    if (top_k > 0) & (top_k < V):
+        key_k, _ = _vector_threshold(key, live.to(tl.float32), lo, hi, top_k.to(tl.float32), NUM_PIVOTS)
+    kept = live & (key >= key_k)
+    z = x / temp
+    z_max = tl.max(tl.where(kept, z, _NEG_INF), 0)
+    z_safe = tl.where(z_max > _NEG_INF, z_max, 0.0)
+    e = tl.where(kept, tl.exp(z - z_safe), 0.0)
+    key_thr = key_k
+    if top_p < 1.0:
+        target = top_p * tl.sum(e, 0)
+        key_p, mass_above = _vector_threshold(key, e, key_k, hi, target, NUM_PIVOTS)
+        if TOP_P_BD3LM:
+            own = tl.exp(_key_value(key_p, KEY_SHIFT) / temp - z_safe)
+            fits = (mass_above + own <= target) | (key_p >= hi - 1)
+            key_p = tl.where(fits, key_p, key_p + 1)
+        key_thr = key_p
+        kept = kept & (key >= key_p)
+    kept = kept & (e >= min_p)
+    return kept, z, z_safe, tl.where(kept, e, 0.0), key_thr
+
+
+@triton.jit
+def _filtered_row_kernel(
+    logits_ptr, stride_row, V, mask_ptr, gate_ptr, supp_ptr, csupp_ptr, fparams_ptr, temp_value, top_p_value,
+    min_p_value, top_k_ptr, top_k_value, seed_ptr, seed_stride, seed_value, offset,
+    cand_ptr, count_ptr, fallback_ptr, tokens_ptr, conf_ptr, argmax_ptr,
+    NUM_SUPPRESS: tl.constexpr, NUM_CONF_SUPPRESS: tl.constexpr, TOP_P_BD3LM: tl.constexpr,
+    CONFIDENCE: tl.constexpr, CONF_RAW: tl.constexpr, KEY_SHIFT: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+    BLOCK: tl.constexpr, CAP: tl.constexpr, NOISE_TILE: tl.constexpr,
+):
+    """One program per row: two passes, then the filter, the races and the confidence on the
+    candidate list. ``fparams`` is the bundled per-row [R, 3] (temperature, top_p, min_p), or
+    None with the three scalars. Rows it cannot finish set ``fallback`` and write nothing."""
+    row = tl.program_id(0).to(tl.int64)
+    active = True
+    if mask_ptr is not None:
+        active = tl.load(mask_ptr + row) != 0
+    if seed_ptr is not None:
+        seed = tl.load(seed_ptr + row * seed_stride)
+    else:
+        seed = seed_value + tl.zeros([], tl.int64)
+    k0, k1 = rng_key(seed)
+    if gate_ptr is not None:
+        c2g, c3g = rng_counter_hi(offset, STREAM_POSTERIOR)
+        active = active & (philox_uniform(k0, k1, c2g, c3g, row, 0) < tl.load(gate_ptr + row))
+    fallback = tl.zeros([], tl.int1)
+    if active:
+        row_ptr = logits_ptr + row * stride_row
+        if fparams_ptr is not None:
+            raw_temp = tl.load(fparams_ptr + row * 3)
+            top_p = tl.load(fparams_ptr + row * 3 + 1)
+            min_p = tl.load(fparams_ptr + row * 3 + 2)
+        else:
+            raw_temp = temp_value + tl.zeros([], tl.float32)
+            top_p = top_p_value + tl.zeros([], tl.float32)
+            min_p = min_p_value + tl.zeros([], tl.float32)
+        if top_k_ptr is not None:
+            top_k = tl.load(top_k_ptr + row)
+        else:
+            top_k = top_k_value + tl.zeros([], tl.int64)
+        greedy = raw_temp == 0.0
+        temp = tl.where(greedy, 1.0, raw_temp)
+
+        lm = _lane_maxima(row_ptr, V, supp_ptr, NUM_SUPPRESS, BLOCK)
+        x_max = tl.max(lm, 0)
+        bad = (tl.max(((lm != lm) | (lm == float("inf"))).to(tl.int32), 0) != 0) | (x_max == _NEG_INF)
+        bad = bad | (x_max / temp == float("inf"))
+        bound = _candidate_bound(lm, temp, top_k, top_p, min_p, V, KEY_SHIFT, NUM_PIVOTS, CAP)
+        if (~bad) & (bound > _NEG_INF):
+            _collect_candidates(row_ptr, V, supp_ptr, bound, cand_ptr + row * CAP, count_ptr + row, NUM_SUPPRESS,
+                                BLOCK, CAP)
+            tl.debug_barrier()  # every thread's appends are visible to the whole program
+            count = tl.load(count_ptr + row, volatile=True)
+        else:
+            count = tl.full([], CAP + 1, tl.int32)
+        fallback = (~bad) & (count > CAP)
+        if (~bad) & (count <= CAP):
+            slots = tl.arange(0, CAP)
+            live = slots < count
+            cols = tl.load(cand_ptr + row * CAP + slots, mask=live, other=0).to(tl.int64)
+            x = tl.load(row_ptr + cols, mask=live, other=_NEG_INF).to(tl.float32)
+            x = tl.where(live, x, _NEG_INF)
+            kept, z, z_safe, e, _ = _candidate_filter(x, live, V, temp, top_k, top_p, min_p, KEY_SHIFT, NUM_PIVOTS,
+                                                      TOP_P_BD3LM)
+            argmax_col = tl.min(tl.where(live & (x == x_max), cols, 2**62), 0)
+            token = argmax_col
+            if raw_temp != 0.0:
+                # Tile race over the tiles that hold kept candidates, in increasing tile order.
+                c2, c3 = rng_counter_hi(offset, STREAM_TILE)
+                tile_of = cols // NOISE_TILE
+                todo = kept
+                best_score = tl.full([], _NEG_INF, tl.float32)
+                best_tile = tl.zeros([], tl.int64)
+                while tl.max(todo.to(tl.int32), 0) > 0:
+                    t = tl.min(tl.where(todo, tile_of, 2**62), 0)
+                    inside = kept & (tile_of == t)
+                    score = z_safe + tl.log(tl.sum(tl.where(inside, e, 0.0), 0)) + philox_gumbel(k0, k1, c2, c3,
+                                                                                                  row, t)
+                    take = score > best_score
+                    best_tile = tl.where(take, t, best_tile)
+                    best_score = tl.where(take, score, best_score)
+                    todo = todo & (tile_of != t)
+                c2t, c3t = rng_counter_hi(offset, STREAM_TOKEN)
+                inside = kept & (tile_of == best_tile)
+                score = tl.where(inside, z + philox_gumbel(k0, k1, c2t, c3t, row, cols), _NEG_INF)
+                token = tl.min(tl.where(inside & (score == tl.max(score, 0)), cols, 2**62), 0)
+            token = tl.minimum(tl.maximum(token, 0), V - 1)
+            if CONFIDENCE == 3:
+                c2r, c3r = rng_counter_hi(offset, STREAM_CONFIDENCE)
+                conf = philox_uniform(k0, k1, c2r, c3r, row, 0)
+            else:
+                if CONF_RAW:
+                    conf = _raw_confidence(row_ptr, V, supp_ptr, csupp_ptr, token, NUM_SUPPRESS, NUM_CONF_SUPPRESS,
+                                           CONFIDENCE, BLOCK)
+                else:
+                    q = kept
+                    for i in tl.static_range(NUM_CONF_SUPPRESS):
+                        q = q & (cols != tl.load(csupp_ptr + i))
+                    q_max = tl.max(tl.where(q, z, _NEG_INF), 0)
+                    q_safe = tl.where(q_max > _NEG_INF, q_max, 0.0)
+                    q_e = tl.where(q, tl.exp(z - q_safe), 0.0)
+                    q_sum = tl.sum(q_e, 0)
+                    empty = q_sum == 0.0
+                    norm = tl.where(empty, 1.0, q_sum)
+                    if CONFIDENCE == 0:
+                        z_tok = tl.load(row_ptr + token).to(tl.float32) / temp
+                        conf = tl.exp(z_tok - q_safe) / norm
+                        for i in tl.static_range(NUM_CONF_SUPPRESS):
+                            conf = tl.where(token == tl.load(csupp_ptr + i), 0.0, conf)
+                        conf = tl.where(empty, 0.0, conf)
+                    elif CONFIDENCE == 1:
+                        lo2 = tl.full(z.shape, _NEG_INF, tl.float32)
+                        _, q_m2 = tl.reduce((tl.where(q, z, _NEG_INF), lo2), 0, _top2_combine)
+                        conf = tl.where(empty, 0.0, (1.0 - tl.exp(q_m2 - q_safe)) / norm)
+                    else:
+                        t1 = tl.sum(tl.where(q_e > 0.0, q_e * (z - q_safe), 0.0), 0)
+                        conf = tl.where(empty, _NEG_INF, t1 / norm - tl.log(norm))
+            tl.store(tokens_ptr + row, token)
+            tl.store(conf_ptr + row, conf)
+            if argmax_ptr is not None:
+                tl.store(argmax_ptr + row, tl.minimum(argmax_col, V - 1))
+        if bad:
+            tl.store(tokens_ptr + row, -1)
+            tl.store(conf_ptr + row, float("nan"))
+            if argmax_ptr is not None:
+                tl.store(argmax_ptr + row, -1)
+    else:
+        tl.store(tokens_ptr + row, -1)
+        tl.store(conf_ptr + row, _NEG_INF)
+        if argmax_ptr is not None:
+            tl.store(argmax_ptr + row, -1)
+    tl.store(fallback_ptr + row, fallback.to(tl.int8))
+
+
+@triton.jit
+def _raw_confidence(row_ptr, V, supp_ptr, csupp_ptr, token, NUM_SUPPRESS: tl.constexpr,
+                    NUM_CONF_SUPPRESS: tl.constexpr, CONFIDENCE: tl.constexpr, BLOCK: tl.constexpr):
+    """Confidence under softmax(suppressed logits) without the confidence-suppressed ids: one
+    more pass, taken only by filtered rows that measure it on the raw logits."""
+    cols0 = tl.arange(0, BLOCK)
+    m = tl.full([], _NEG_INF, tl.float32)
+    s = tl.full([], 0.0, tl.float32)
+    t1 = tl.full([], 0.0, tl.float32)
+    m2 = tl.full([], _NEG_INF, tl.float32)
+    for start in range(0, V, BLOCK):
+        x, cols = _masked_block(row_ptr, start, cols0, V, supp_ptr, NUM_SUPPRESS, BLOCK, False)
+        for i in tl.static_range(NUM_CONF_SUPPRESS):
+            x = tl.where(cols == tl.load(csupp_ptr + i), _NEG_INF, x)
+        t_m, t_s, t_t1, t_m2, _ = _tile_stats(x, x > _NEG_INF)
+        m, s, t1, m2 = _merge_stats(m, s, t1, m2, t_m, t_s, t_t1, t_m2)
+    safe = tl.where(m > _NEG_INF, m, 0.0)
+    empty = s == 0.0
+    norm = tl.where(empty, 1.0, s)
+    if CONFIDENCE == 0:
+        conf = tl.exp(tl.load(row_ptr + token).to(tl.float32) - safe) / norm
+        for i in tl.static_range(NUM_CONF_SUPPRESS):
+            conf = tl.where(token == tl.load(csupp_ptr + i), 0.0, conf)
+        conf = tl.where(empty, 0.0, conf)
+    elif CONFIDENCE == 1:
+        conf = tl.where(empty, 0.0, (1.0 - tl.exp(m2 - safe)) / norm)
+    else:
+        conf = tl.where(empty, _NEG_INF, t1 / norm - tl.log(norm))
+    return conf
+
+
+@triton.jit
+def _filter_candidates_kernel(
+    logits_ptr, stride_row, out_ptr, out_stride_row, bad_ptr, V, top_k_ptr, top_k_value, fparams_ptr, top_p_value,
+    min_p_value, cand_ptr, count_ptr, fallback_ptr,
+    TOP_P_BD3LM: tl.constexpr, KEY_SHIFT: tl.constexpr, NUM_PIVOTS: tl.constexpr, BLOCK: tl.constexpr,
+    CAP: tl.constexpr,
+):
+    """filter_logits, one program per row: the two passes, the thresholds on the candidates,
+    the masked copy (pass 3). ``fparams``: [R, 3] (unused, top_p, min_p) or None."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    out_row_ptr = out_ptr + row * out_stride_row
+    if fparams_ptr is not None:
+        top_p = tl.load(fparams_ptr + row * 3 + 1)
+        min_p = tl.load(fparams_ptr + row * 3 + 2)
+    else:
+        top_p = top_p_value + tl.zeros([], tl.float32)
+        min_p = min_p_value + tl.zeros([], tl.float32)
+    if top_k_ptr is not None:
+        top_k = tl.load(top_k_ptr + row)
+    else:
+        top_k = top_k_value + tl.zeros([], tl.int64)
+    one = tl.full([], 1.0, tl.float32)
+    lm = _lane_maxima(row_ptr, V, row_ptr, 0, BLOCK)
+    x_max = tl.max(lm, 0)
+    bad = (tl.max(((lm != lm) | (lm == float("inf"))).to(tl.int32), 0) != 0) | (x_max == _NEG_INF)
+    bound = _candidate_bound(lm, one, top_k, top_p, min_p, V, KEY_SHIFT, NUM_PIVOTS, CAP)
+    if (~bad) & (bound > _NEG_INF):
+        _collect_candidates(row_ptr, V, row_ptr, bound, cand_ptr + row * CAP, count_ptr + row, 0, BLOCK, CAP)
+        tl.debug_barrier()  # every thread's appends are visible to the whole program
+        count = tl.load(count_ptr + row, volatile=True)
+    else:
+        count = tl.full([], CAP + 1, tl.int32)
+    fallback = (~bad) & (count > CAP)
+    if (~bad) & (count <= CAP):
+        slots = tl.arange(0, CAP)
+        live = slots < count
+        cols = tl.load(cand_ptr + row * CAP + slots, mask=live, other=0).to(tl.int64)
+        x = tl.load(row_ptr + cols, mask=live, other=_NEG_INF).to(tl.float32)
+        x = tl.where(live, x, _NEG_INF)
+        _, _, x_safe, _, key_thr = _candidate_filter(x, live, V, one, top_k, top_p, min_p, KEY_SHIFT, NUM_PIVOTS,
+                                                     TOP_P_BD3LM)
+        v_thr = _key_value(key_thr, KEY_SHIFT)  # key(x) >= key_thr  <=>  x >= v_thr
+        cols0 = tl.arange(0, BLOCK)
+        for start in range(0, V, BLOCK):
+            c = start + cols0
+            inb = c < V
+            raw = tl.load(row_ptr + c, mask=inb, other=_NEG_INF)
+            xv = raw.to(tl.float32)
+            keep = (xv >= v_thr) & (tl.exp(xv - x_safe) >= min_p)
+            tl.store(out_row_ptr + c, tl.where(keep, raw, float("-inf")).to(raw.dtype), mask=inb)
+    tl.store(bad_ptr + row, bad.to(tl.int8))
+    tl.store(fallback_ptr + row, fallback.to(tl.int8))
+
+
+# --------------------------------------------------------------------------------------------
 # Host launchers. ``wrap`` is torch.library.wrap_triton when the caller is a triton_op, so
 # torch.compile can trace the launches; the identity otherwise.
 # --------------------------------------------------------------------------------------------
@@ -529,7 +1169,6 @@ import torch  # noqa: E402
 
 KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 CONFIDENCE_KINDS = {"prob": CONF_PROB, "margin": CONF_MARGIN, "neg_entropy": CONF_NEG_ENTROPY, "random": CONF_RANDOM}
-_TARGET_PROGRAMS_PER_SM = 2
 
 
 def _identity(kernel):
@@ -544,27 +1183,95 @@ def _search_block(vocab: int) -> int:
     return min(SEARCH_BLOCK, max(16, triton.next_power_of_2(vocab)))
 
 
-def _num_parts(rows: int, num_tiles: int, device: torch.device) -> int:
-    """Programs per row for the unfiltered path: enough to fill the GPU at small batch."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = _TARGET_PROGRAMS_PER_SM * sms
-    if rows >= want:
-        return 1
-    return max(1, min(num_tiles, -(-want // rows)))
-
-
 class _Dummies:
     def __init__(self, device):
         self.f = torch.empty(1, dtype=torch.float32, device=device)
         self.i = torch.empty(1, dtype=torch.int64, device=device)
 
 
-def _seed_args(seed, seed_value, dummy):
+def _seed_args_dummy(seed, seed_value, dummy):
     if seed is None:
         return dummy, 0, seed_value
     return seed, (0 if seed.numel() == 1 else 1), seed_value
+
+
+def _seed_args(seed, seed_value):
+    """(per-row seed tensor or None, its row stride, the scalar seed)."""
+    if seed is None:
+        return None, 0, seed_value
+    return seed, (0 if seed.numel() == 1 else 1), seed_value
+
+
+_PASS_PROGRAMS_PER_SM = 32  # one-warp programs resident per SM: sm_90's limit of CTAs per SM
+_FINALIZE_PROGRAMS_PER_SM = 2
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter runs one program at a time; any value gives the same results
+
+
+def _pass_parts(count: int, num_full_tiles: int, target_items: int) -> int:
+    """Tile runs per row of the streaming pass (the formula _tile_pass_kernel evaluates)."""
+    parts = min(max(-(-target_items // max(count, 1)), 1), num_full_tiles)
+    per_part = -(-num_full_tiles // parts)
+    return -(-num_full_tiles // per_part)
+
+
+def _rows_fwd(logits2d, mask, gate, suppress, conf_suppress, query, temperature, temperature_value, seed, seed_value,
+              offset, *, confidence, conf_raw, return_argmax, target_items=None, wrap=_identity):
+    """Unfiltered rows: [row selection], the streaming tile pass, the finalize.
+
+    Returns ``(tokens, conf[, argmax])`` as predict_tokens_fwd does.
+    """
+    rows, vocab = logits2d.shape
+    device = logits2d.device
+    tokens = torch.empty(rows, dtype=torch.int64, device=device)
+    conf = torch.empty(rows, dtype=torch.float32, device=device)
+    argmax = torch.empty(rows, dtype=torch.int64, device=device) if return_argmax else None
+    outputs = (tokens, conf, argmax) if return_argmax else (tokens, conf)
+    if rows == 0:
+        return outputs
+    sms = _num_sms(device)
+    num_tiles = triton.cdiv(vocab, NOISE_TILE)
+    num_full = vocab // NOISE_TILE
+    seed_t, seed_stride, seed_value = _seed_args(seed, seed_value)
+    # The raw distribution is the sampling one when every row runs at temperature 0 or 1.
+    conf_raw = conf_raw and (temperature is not None or temperature_value not in (0.0, 1.0))
+    flags = dict(WANT_M2=confidence == "margin", WANT_T1=confidence == "neg_entropy", WANT_RAW=conf_raw)
+
+    rows_sel = count_t = None
+    if mask is not None or gate is not None:
+        rows_sel = torch.empty(rows, dtype=torch.int32, device=device)
+        count_t = torch.zeros(1, dtype=torch.int32, device=device)
+        wrap(_select_rows_kernel)[(triton.cdiv(rows, 1024),)](
+            mask, gate, seed_t, seed_stride, seed_value, offset, rows, rows_sel, count_t, tokens, conf, argmax,
+            BLOCK=1024, num_warps=4)
+    stats = torch.empty((NUM_STATS, rows, max(num_tiles, 1)), dtype=torch.float32, device=device)
+    target = target_items or _PASS_PROGRAMS_PER_SM * sms
+    if num_full:
+        if count_t is None:
+            grid = rows * _pass_parts(rows, num_full, target)
+        else:
+            grid = min(target, rows * num_full)
+        wrap(_tile_pass_kernel)[(grid,)](
+            logits2d, logits2d.stride(0), num_full, num_tiles, rows_sel, count_t, rows, target,
+            temperature, temperature_value, stats, stats.stride(0), **flags,
+            CHUNKS=TILE_CHUNKS, NOISE_TILE=NOISE_TILE, num_warps=1)
+    tile_block = _tile_block(vocab)
+    chunks = TILE_CHUNKS if tile_block == NOISE_TILE else 1
+    grid = rows if count_t is None else min(rows, _FINALIZE_PROGRAMS_PER_SM * sms)
+    wrap(_finalize_kernel)[(grid,)](
+        logits2d, logits2d.stride(0), vocab, num_full, num_tiles, rows_sel, count_t, rows,
+        suppress, conf_suppress, query, temperature, temperature_value, seed_t, seed_stride, seed_value, offset,
+        stats, stats.stride(0), tokens, conf, argmax,
+        NUM_SUPPRESS=0 if suppress is None else suppress.numel(),
+        NUM_CONF_SUPPRESS=0 if conf_suppress is None else conf_suppress.numel(),
+        CONFIDENCE=CONFIDENCE_KINDS[confidence], CONF_RAW=conf_raw, **flags,
+        TILES_BLOCK=max(16, min(1024, triton.next_power_of_2(num_tiles))), CHUNKS=chunks, LANES=tile_block // chunks,
+        NOISE_TILE=NOISE_TILE, num_warps=4)
+    return outputs
 
 
 def predict_tokens_fwd(logits2d, mask, suppress, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
@@ -579,82 +1286,83 @@ def predict_tokens_fwd(logits2d, mask, suppress, temperature, temperature_value,
     probability to report, or None. Per-row parameters are [R] tensors or None with the scalar
     in ``*_value``; ``seed`` an int64 tensor of R or 1 values.
     """
+    if not filtered:
+        return _rows_fwd(logits2d, mask, gate, suppress, conf_suppress, query, temperature, temperature_value, seed,
+                         seed_value, offset, confidence=confidence, conf_raw=conf_raw, return_argmax=return_argmax,
+                         wrap=wrap)
     rows, vocab = logits2d.shape
     device = logits2d.device
     tokens = torch.empty(rows, dtype=torch.int64, device=device)
     conf = torch.empty(rows, dtype=torch.float32, device=device)
-    argmax = torch.empty(rows if return_argmax else 0, dtype=torch.int64, device=device)
+    argmax = torch.empty(rows, dtype=torch.int64, device=device) if return_argmax else None
     outputs = (tokens, conf, argmax) if return_argmax else (tokens, conf)
     if rows == 0:
         return outputs
+    seed_t, seed_stride, seed_value = _seed_args(seed, seed_value)
+    fparams = _bundle_floats(rows, device, (temperature, temperature_value), (top_p, top_p_value),
+                             (min_p, min_p_value))
+    cands = torch.empty((rows, CANDIDATES), dtype=torch.int32, device=device)
+    counts = torch.zeros(rows, dtype=torch.int32, device=device)
+    fallback = torch.empty(rows, dtype=torch.int8, device=device)
+    common = dict(NUM_SUPPRESS=0 if suppress is None else suppress.numel(),
+                  NUM_CONF_SUPPRESS=0 if conf_suppress is None else conf_suppress.numel(),
+                  TOP_P_BD3LM=top_p_mode == "bd3lm", CONFIDENCE=CONFIDENCE_KINDS[confidence], CONF_RAW=conf_raw,
+                  KEY_SHIFT=KEY_SHIFT[logits2d.dtype], NUM_PIVOTS=NUM_PIVOTS)
+    wrap(_filtered_row_kernel)[(rows,)](
+        logits2d, logits2d.stride(0), vocab, mask, gate, suppress, conf_suppress, fparams, temperature_value,
+        top_p_value, min_p_value, top_k, top_k_value, seed_t, seed_stride, seed_value, offset,
+        cands, counts, fallback, tokens, conf, argmax, **common,
+        BLOCK=_filter_block(vocab), CAP=CANDIDATES, NOISE_TILE=NOISE_TILE, num_warps=8,
+    )
+    # The rows the candidate list could not serve; every other program exits at once.
     d = _Dummies(device)
     wrap(_row_kernel)[(rows,)](
-        logits2d, logits2d.stride(0), vocab, triton.cdiv(vocab, NOISE_TILE),
-        mask if mask is not None else d.i, suppress if suppress is not None else d.i,
-        conf_suppress if conf_suppress is not None else d.i,
-        gate if gate is not None else d.f, query if query is not None else d.i,
+        logits2d, logits2d.stride(0), vocab, triton.cdiv(vocab, NOISE_TILE), fallback,
+        suppress if suppress is not None else d.i, conf_suppress if conf_suppress is not None else d.i,
+        d.f, query if query is not None else d.i,
         temperature if temperature is not None else d.f, temperature_value,
         top_k if top_k is not None else d.i, top_k_value,
         top_p if top_p is not None else d.f, top_p_value,
         min_p if min_p is not None else d.f, min_p_value,
-        *_seed_args(seed, seed_value, d.i), offset, tokens, conf, argmax if return_argmax else d.i,
-        HAS_MASK=mask is not None, NUM_SUPPRESS=0 if suppress is None else suppress.numel(),
-        NUM_CONF_SUPPRESS=0 if conf_suppress is None else conf_suppress.numel(),
-        HAS_GATE=gate is not None, HAS_QUERY=query is not None,
+        *_seed_args_dummy(seed, seed_value, d.i), offset, tokens, conf, argmax if return_argmax else d.i,
+        HAS_MASK=True, HAS_GATE=False, HAS_QUERY=query is not None,
         HAS_TEMP=temperature is not None, HAS_TOP_K=top_k is not None,
         HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None, HAS_SEED=seed is not None,
-        FILTERED=filtered, TOP_P_BD3LM=top_p_mode == "bd3lm", CONFIDENCE=CONFIDENCE_KINDS[confidence],
-        CONF_RAW=conf_raw, RETURN_ARGMAX=return_argmax,
-        KEY_SHIFT=KEY_SHIFT[logits2d.dtype], NUM_PIVOTS=NUM_PIVOTS, SEARCH_BLOCK=_search_block(vocab),
-        NOISE_TILE=NOISE_TILE, TILE_BLOCK=_tile_block(vocab), num_warps=8 if filtered else 4,
+        FILTERED=True, RETURN_ARGMAX=return_argmax, SEARCH_BLOCK=_search_block(vocab),
+        NOISE_TILE=NOISE_TILE, TILE_BLOCK=_tile_block(vocab), SKIP_INACTIVE=True, num_warps=8, **common,
     )
     return outputs
 
 
+def _filter_block(vocab: int) -> int:
+    return min(FILTER_BLOCK, max(CANDIDATES, triton.next_power_of_2(vocab)))
+
+
+def _bundle_floats(rows, device, *params):
+    """The per-row float parameters as one [R, len(params)] fp32 tensor, or None when all of
+    them are scalars (the kernels then take the scalars)."""
+    if all(tensor is None for tensor, _ in params):
+        return None
+    cols = [tensor if tensor is not None else torch.full((rows,), value, dtype=torch.float32, device=device)
+            for tensor, value in params]
+    return torch.stack(cols, 1).contiguous()
+
+
 def sample_fwd(logits2d, temperature, temperature_value, top_k, top_k_value, top_p, top_p_value,
                min_p, min_p_value, seed, seed_value, offset, *, filtered: bool, top_p_mode: str = "inclusive",
-               num_parts=None, wrap=_identity):
+               target_items=None, wrap=_identity):
     """Launch the sampling kernels on a [R, V] view with unit column stride.
 
     Returns ``(tokens int64 [R], probs fp32 [R])``; invalid rows (NaN / +inf / all -inf) get
-    token -1. Filtered rows go through the row kernel; unfiltered ones through the split
-    partial + finalize pair, which keeps the GPU busy at small batch.
+    token -1. ``target_items`` overrides how many (row, run of tiles) programs the unfiltered
+    streaming pass aims for (tests use it to split rows differently).
     """
     if filtered:
         return predict_tokens_fwd(logits2d, None, None, temperature, temperature_value, top_k, top_k_value, top_p,
                                   top_p_value, min_p, min_p_value, seed, seed_value, offset, confidence="prob",
                                   conf_raw=False, filtered=True, top_p_mode=top_p_mode, wrap=wrap)
-    rows, vocab = logits2d.shape
-    device = logits2d.device
-    tokens = torch.empty(rows, dtype=torch.int64, device=device)
-    probs = torch.empty(rows, dtype=torch.float32, device=device)
-    if rows == 0:
-        return tokens, probs
-    d = _Dummies(device)
-    temp_args = (temperature if temperature is not None else d.f, temperature_value)
-    seed_args = _seed_args(seed, seed_value, d.i)
-    num_tiles = triton.cdiv(vocab, NOISE_TILE)
-    parts = num_parts or _num_parts(rows, num_tiles, device)
-    tiles_per_part = triton.cdiv(num_tiles, parts)
-    parts = triton.cdiv(num_tiles, tiles_per_part)
-    part_max = torch.empty((rows, parts), dtype=torch.float32, device=device)
-    part_sum = torch.empty_like(part_max)
-    part_score = torch.empty_like(part_max)
-    part_tile = torch.empty((rows, parts), dtype=torch.int32, device=device)
-    part_arg = torch.empty((rows, parts), dtype=torch.int64, device=device)
-    part_flags = torch.empty((rows, parts), dtype=torch.int32, device=device)
-    common = dict(HAS_TEMP=temperature is not None, HAS_SEED=seed is not None, NOISE_TILE=NOISE_TILE,
-                  TILE_BLOCK=_tile_block(vocab), num_warps=4)
-    wrap(_sample_partial_kernel)[(rows, parts)](
-        logits2d, logits2d.stride(0), vocab, num_tiles, tiles_per_part, *temp_args, *seed_args, offset,
-        part_max, part_sum, part_score, part_tile, part_arg, part_flags, **common,
-    )
-    wrap(_sample_finalize_kernel)[(rows,)](
-        logits2d, logits2d.stride(0), vocab, parts, *temp_args, *seed_args, offset,
-        part_max, part_sum, part_score, part_tile, part_arg, part_flags, tokens, probs,
-        PARTS_BLOCK=max(2, triton.next_power_of_2(parts)), **common,
-    )
-    return tokens, probs
+    return _rows_fwd(logits2d, None, None, None, None, None, temperature, temperature_value, seed, seed_value, offset,
+                     confidence="prob", conf_raw=False, return_argmax=False, target_items=target_items, wrap=wrap)
 
 
 def filter_logits_fwd(logits2d, top_k, top_k_value, top_p, top_p_value, min_p, min_p_value, *,
@@ -666,14 +1374,22 @@ def filter_logits_fwd(logits2d, top_k, top_k_value, top_p, top_p_value, min_p, m
     bad = torch.zeros(rows, dtype=torch.int8, device=device)
     if rows == 0:
         return out, bad
+    fparams = _bundle_floats(rows, device, (None, 1.0), (top_p, top_p_value), (min_p, min_p_value))
+    cands = torch.empty((rows, CANDIDATES), dtype=torch.int32, device=device)
+    counts = torch.zeros(rows, dtype=torch.int32, device=device)
+    fallback = torch.empty(rows, dtype=torch.int8, device=device)
+    common = dict(TOP_P_BD3LM=top_p_mode == "bd3lm", KEY_SHIFT=KEY_SHIFT[logits2d.dtype], NUM_PIVOTS=NUM_PIVOTS)
+    wrap(_filter_candidates_kernel)[(rows,)](
+        logits2d, logits2d.stride(0), out, out.stride(0), bad, vocab, top_k, top_k_value, fparams, top_p_value,
+        min_p_value, cands, counts, fallback, **common, BLOCK=_filter_block(vocab), CAP=CANDIDATES, num_warps=8,
+    )
     d = _Dummies(device)
     wrap(_filter_logits_kernel)[(rows,)](
-        logits2d, logits2d.stride(0), out, out.stride(0), bad, vocab,
+        logits2d, logits2d.stride(0), out, out.stride(0), bad, fallback, vocab,
         top_k if top_k is not None else d.i, top_k_value,
         top_p if top_p is not None else d.f, top_p_value,
         min_p if min_p is not None else d.f, min_p_value,
         HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
-        TOP_P_BD3LM=top_p_mode == "bd3lm",
-        KEY_SHIFT=KEY_SHIFT[logits2d.dtype], NUM_PIVOTS=NUM_PIVOTS, SEARCH_BLOCK=_search_block(vocab), num_warps=8,
+        SEARCH_BLOCK=_search_block(vocab), num_warps=8, **common,
     )
     return out, bad

@@ -187,8 +187,9 @@ def test_split_rows_give_the_same_tokens():
 
     logits = torch.randn(3, 5 * ref_rng.NOISE_TILE + 11, device=DEVICE)
     seed = torch.tensor([42], device=DEVICE)
+    # target_items sets how many (row, run of tiles) programs the streaming pass uses: 1 to 6 runs per row.
     results = [kernels.sample_fwd(logits, None, 0.9, None, 0, None, 1.0, None, 0.0, seed, 0, 3, filtered=False,
-                              num_parts=parts) for parts in (1, 2, 3, 6)]
+                                  target_items=items) for items in (1, 6, 9, 18)]
     for tokens, probs in results[1:]:
         assert torch.equal(tokens, results[0][0])
         assert torch.allclose(probs, results[0][1], rtol=1e-6)
@@ -427,3 +428,52 @@ def test_torch_compile_fullgraph_triton_cuda():
     compiled = torch.compile(step, fullgraph=True)
     logits = torch.randn(8, 5000, device="cuda")
     assert torch.equal(compiled(logits), step(logits))
+
+
+# ---------------------------------------------------------------------------------------------
+# Which kernel serves a filtered row: the candidate list, or the general multi-pivot kernel
+# ---------------------------------------------------------------------------------------------
+
+
+def _spy_on(monkeypatch, kernels, name, arg_index):
+    """Record argument ``arg_index`` of every launch of kernels.<name> (the rows it serves)."""
+    seen = []
+    real = getattr(kernels, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            launch = real[grid]
+
+            def run(*args, **kwargs):
+                seen.append(args[arg_index].clone())
+                return launch(*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(kernels, name, Spy())
+    return seen
+
+
+def test_filtered_rows_use_the_candidate_list_unless_it_overflows(monkeypatch):
+    from ddiff.kernels import sampling as kernels
+
+    gen = torch.Generator().manual_seed(8)
+    logits = (torch.randn(4, 3000, generator=gen) * 2).to(DEVICE)
+    logits[1] = 0.0  # a flat row: every token ties at the top-k boundary
+    logits[2, :700] = 20.0  # more ties at the top than the candidate list holds
+    logits[3, 5] = float("-inf")
+    served = _spy_on(monkeypatch, kernels, "_row_kernel", 4)
+    for kwargs in [dict(top_k=50, top_p=0.9), dict(top_k=3, min_p=0.1, top_p_mode="bd3lm", top_p=0.5)]:
+        tokens, probs = ddiff.sample(logits, temperature=0.9, seed=1, return_probs=True, backend="triton", **kwargs)
+        assert served[-1].tolist() == [0, 1, 1, 0], kwargs
+        ref_tokens, ref_probs = ddiff.sample(logits, temperature=0.9, seed=1, return_probs=True, backend="torch",
+                                             **kwargs)
+        assert torch.equal(tokens, ref_tokens)
+        assert torch.allclose(probs, ref_probs, rtol=1e-5)
+    # top-p alone gives no lower bound for the candidates: the general kernel serves every row.
+    ddiff.sample(logits[:1], top_p=0.5, seed=1, backend="triton")
+    assert served[-1].tolist() == [1]
+    filtered_by = _spy_on(monkeypatch, kernels, "_filter_logits_kernel", 5)
+    out = ddiff.filter_logits(logits, top_k=50, top_p=0.9, backend="triton")
+    assert filtered_by[-1].tolist() == [0, 1, 1, 0]
+    assert torch.equal(out, ddiff.filter_logits(logits, top_k=50, top_p=0.9, backend="torch"))

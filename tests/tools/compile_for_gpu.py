@@ -47,32 +47,66 @@ def main(arch=90):
                              HAS_TEMP=filtered, HAS_TOP_K=filtered, HAS_TOP_P=filtered, HAS_MIN_P=False,
                              HAS_SEED=True, FILTERED=filtered, CONFIDENCE=conf, CONF_RAW=conf % 2 == 0,
                              KEY_SHIFT=shift, NUM_PIVOTS=ks.NUM_PIVOTS, SEARCH_BLOCK=ks.SEARCH_BLOCK,
-                             NOISE_TILE=ks.NOISE_TILE, TILE_BLOCK=ks.NOISE_TILE)
+                             NOISE_TILE=ks.NOISE_TILE, TILE_BLOCK=ks.NOISE_TILE, SKIP_INACTIVE=has_mask)
                 spills = compile_one(ks._row_kernel, sig, const, arch, 8 if filtered else 4)
                 print(f"_row_kernel {dtype} filtered={filtered} conf={conf} flags={flags}: ok"
                       + (" (spills)" if spills else ""))
-    part = {"logits_ptr": "*bf16", "stride_row": "i64", "V": "i32", "num_tiles": "i32", "tiles_per_part": "i32",
-            "temp_ptr": "*fp32", "temp_value": "fp32", "seed_ptr": "*i64", "seed_stride": "i32", "seed_value": "i64",
-            "offset": "i64", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_score_ptr": "*fp32",
-            "part_tile_ptr": "*i32", "part_arg_ptr": "*i64", "part_flags_ptr": "*i32"}
-    for has_temp in (False, True):
-        const = dict(HAS_TEMP=has_temp, HAS_SEED=True, NOISE_TILE=ks.NOISE_TILE, TILE_BLOCK=ks.NOISE_TILE)
-        compile_one(ks._sample_partial_kernel, part, const, arch, 4)
-        fin = {k: v for k, v in part.items() if k not in ("num_tiles", "tiles_per_part")}
-        fin = {"logits_ptr": "*bf16", "stride_row": "i64", "V": "i32", "num_parts": "i32", **{
-            k: v for k, v in fin.items() if k not in ("logits_ptr", "stride_row", "V")}, "tokens_ptr": "*i64",
-            "probs_ptr": "*fp32"}
-        compile_one(ks._sample_finalize_kernel, fin, dict(const, PARTS_BLOCK=64), arch, 4)
-        print(f"_sample_partial/_finalize HAS_TEMP={has_temp}: ok")
     flt = {"logits_ptr": "*bf16", "stride_row": "i64", "out_ptr": "*bf16", "out_stride_row": "i64", "bad_ptr": "*i8",
-           "V": "i32", "top_k_ptr": "*i64", "top_k_value": "i32", "top_p_ptr": "*fp32", "top_p_value": "fp32",
-           "min_p_ptr": "*fp32", "min_p_value": "fp32"}
+           "rows_mask_ptr": "*i8", "V": "i32", "top_k_ptr": "*i64", "top_k_value": "i32", "top_p_ptr": "*fp32",
+           "top_p_value": "fp32", "min_p_ptr": "*fp32", "min_p_value": "fp32"}
     compile_one(ks._filter_logits_kernel, flt, dict(HAS_TOP_K=True, HAS_TOP_P=False, HAS_MIN_P=True, KEY_SHIFT=16,
                                                     TOP_P_BD3LM=True,
                                                     NUM_PIVOTS=ks.NUM_PIVOTS, SEARCH_BLOCK=ks.SEARCH_BLOCK), arch, 8)
     print("_filter_logits_kernel: ok")
+    compile_streaming_and_candidates(arch)
     compile_attention(arch)
     return 0
+
+
+_POINTERS = {"mask_ptr": "*i1", "gate_ptr": "*fp32", "seed_ptr": "*i64", "rows_out_ptr": "*i32", "count_ptr": "*i32",
+             "tokens_ptr": "*i64", "conf_ptr": "*fp32", "argmax_ptr": "*i64", "rows_ptr": "*i32", "temp_ptr": "*fp32",
+             "stats_ptr": "*fp32", "supp_ptr": "*i64", "csupp_ptr": "*i64", "query_ptr": "*i64", "fparams_ptr": "*fp32",
+             "top_k_ptr": "*i64", "cand_ptr": "*i32", "fallback_ptr": "*i8", "bad_ptr": "*i8"}
+_SCALARS = {"temp_value": "fp32", "top_p_value": "fp32", "min_p_value": "fp32", "stride_row": "i64",
+            "out_stride_row": "i64", "seed_value": "i64", "offset": "i64"}
+
+
+def _sampling_signature(kernel, dtype):
+    """Argument types of a sampling kernel by name (logits and outputs in ``dtype``)."""
+    sig = {}
+    for param in kernel.params:
+        name = param.name
+        if param.is_constexpr:
+            continue
+        if name in ("logits_ptr", "out_ptr"):
+            sig[name] = dtype
+        else:
+            sig[name] = _POINTERS.get(name) or _SCALARS.get(name, "i32")
+    return sig
+
+
+def compile_streaming_and_candidates(arch):
+    """The unfiltered streaming pass + finalize, the row selection and the candidate kernels."""
+    for dtype, shift in (("*bf16", 16), ("*fp16", 13), ("*fp32", 0)):
+        for m2, t1, raw in ((False, False, False), (True, False, False), (False, True, True)):
+            flags = dict(WANT_M2=m2, WANT_T1=t1, WANT_RAW=raw)
+            compile_one(ks._tile_pass_kernel, _sampling_signature(ks._tile_pass_kernel, dtype),
+                        dict(flags, CHUNKS=ks.TILE_CHUNKS, NOISE_TILE=ks.NOISE_TILE), arch, 1)
+            compile_one(ks._finalize_kernel, _sampling_signature(ks._finalize_kernel, dtype),
+                        dict(flags, NUM_SUPPRESS=2, NUM_CONF_SUPPRESS=1 if raw else 0, CONFIDENCE=2 if t1 else int(m2),
+                             CONF_RAW=raw, TILES_BLOCK=256, CHUNKS=ks.TILE_CHUNKS,
+                             LANES=ks.NOISE_TILE // ks.TILE_CHUNKS, NOISE_TILE=ks.NOISE_TILE), arch, 4)
+        for conf in range(4):
+            compile_one(ks._filtered_row_kernel, _sampling_signature(ks._filtered_row_kernel, dtype),
+                        dict(NUM_SUPPRESS=conf % 2, NUM_CONF_SUPPRESS=conf // 2, TOP_P_BD3LM=conf == 1,
+                             CONFIDENCE=conf, CONF_RAW=conf == 0, KEY_SHIFT=shift, NUM_PIVOTS=ks.NUM_PIVOTS,
+                             BLOCK=ks.FILTER_BLOCK, CAP=ks.CANDIDATES, NOISE_TILE=ks.NOISE_TILE), arch, 8)
+        compile_one(ks._filter_candidates_kernel, _sampling_signature(ks._filter_candidates_kernel, dtype),
+                    dict(TOP_P_BD3LM=False, KEY_SHIFT=shift, NUM_PIVOTS=ks.NUM_PIVOTS, BLOCK=ks.FILTER_BLOCK,
+                         CAP=ks.CANDIDATES), arch, 8)
+        print(f"streaming pass / finalize / candidate kernels {dtype}: ok")
+    compile_one(ks._select_rows_kernel, _sampling_signature(ks._select_rows_kernel, "*bf16"), dict(BLOCK=1024), arch, 4)
+    print("_select_rows_kernel: ok")
 
 
 def _attention_signature(kernel, dtype):
