@@ -40,23 +40,24 @@ def _sample_torch(
     logits: Tensor, temperature: Optional[Tensor], temperature_value: float,
     top_k: Optional[Tensor], top_k_value: int, top_p: Optional[Tensor], top_p_value: float,
     min_p: Optional[Tensor], min_p_value: float, seed: Optional[Tensor], seed_value: int, offset: int,
-    top_p_mode: str,
+    top_p_mode: str, return_probs: bool,
 ) -> tuple[Tensor, Tensor]:
-    # ddiff.torch_fast computes ddiff.reference.sampling's tokens with fewer passes.
+    # ddiff.torch_fast computes ddiff.reference.sampling's tokens with fewer passes; the
+    # probabilities (empty unless asked for) cost a normaliser the tokens do not need.
     tokens, probs, bad = torch_fast.sample(logits, (temperature, temperature_value), (top_k, top_k_value),
                                            (top_p, top_p_value), (min_p, min_p_value), (seed, seed_value), offset,
-                                           top_p_mode)
+                                           top_p_mode, return_probs=return_probs)
     _raise_invalid_rows(bad)
+    if not return_probs:
+        return torch.where(bad, -1, tokens), probs
     return flag_invalid_rows(bad, tokens, probs)
 
 
-def fake_tokens_and_values(logits, *args):
-    """Fake (meta) outputs of the per-row ops: int64 tokens and fp32 values, one per row."""
-    rows = logits.shape[0]
-    return logits.new_empty(rows, dtype=torch.int64), logits.new_empty(rows, dtype=torch.float32)
-
-
-_sample_torch.register_fake(fake_tokens_and_values)
+@_sample_torch.register_fake
+def _(logits, *args):
+    """Fake outputs: int64 tokens, one per row, and fp32 probabilities (empty unless asked for)."""
+    rows, return_probs = logits.shape[0], args[-1]
+    return logits.new_empty(rows, dtype=torch.int64), logits.new_empty(rows if return_probs else 0, dtype=torch.float32)
 
 
 @triton_op("ddiff::sample_triton", mutates_args=())
@@ -235,7 +236,7 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
     args = (logits2d, temp[0], temp[1], k[0], k[1], p[0], p[1], m[0], m[1], rng.seed, rng.seed_value, rng.offset,
             top_p_mode)
     if impl == "torch":
-        tokens, probs = torch.ops.ddiff.sample_torch(*args)
+        tokens, probs = torch.ops.ddiff.sample_torch(*args, return_probs)
     else:
         tokens, probs = torch.ops.ddiff.sample_triton(*args, _filters_active(k, p, m, vocab))
         _raise_invalid_rows(tokens < 0)

@@ -355,8 +355,9 @@ def sample_rows(x: Tensor, params: RowParams, offset: int) -> tuple[Tensor, Tile
 
 
 def sample(logits2d: Tensor, temperature: Param, top_k: Param, top_p: Param, min_p: Param, seed: Param, offset: int,
-           top_p_mode: str = "inclusive") -> tuple[Tensor, Tensor, Tensor]:
-    """``(tokens, probs, bad)`` of ``ddiff.sample`` for [R, V] logits; invalid rows are flagged, not fixed."""
+           top_p_mode: str = "inclusive", *, return_probs: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """``(tokens, probs, bad)`` of ``ddiff.sample`` for [R, V] logits; invalid rows are flagged, not
+    fixed. ``probs`` is empty unless ``return_probs``."""
     rows, vocab = logits2d.shape
     device = logits2d.device
     if rows == 0:
@@ -364,7 +365,8 @@ def sample(logits2d: Tensor, temperature: Param, top_k: Param, top_p: Param, min
         return empty.long(), empty, empty.bool()
     params = RowParams(rows, vocab, device, temperature, top_k, top_p, min_p, seed, top_p_mode=top_p_mode)
     tokens, tiles = sample_rows(logits2d, params, offset)
-    return tokens, tiles.prob_of(tokens), tiles.bad()
+    probs = tiles.prob_of(tokens) if return_probs else torch.empty(0, device=device)
+    return tokens, probs, tiles.bad()
 
 
 def filter_logits(logits2d: Tensor, top_k: Param, top_p: Param, min_p: Param,
