@@ -260,6 +260,32 @@ def test_sdar(strategy, rule, prompt_len, block_length, steps):
         assert out.sequences.tolist() == tokens_after(want, prompt_len, gen)
 
 
+def masks_written(pipe, **kwargs):
+    """How many times the pipeline wrote the mask id (committed or edited) during a call."""
+    count = [0]
+
+    def callback(p, step, i, kw):
+        count[0] += int(((kw["tokens"] == MASK) & (kw["transfer_index"] | kw["edit_index"])).sum())
+
+    out = pipe(callback_on_step_end=callback, progress=False, **kwargs)
+    return out, count[0]
+
+
+def test_sdar_dynamic_with_a_predicted_mask_id():
+    model = random_qwen3(9, vocab=12, std=0.5)
+    prompt = prompt_for(12, 6)
+    want, _ = sdar.block_diffusion_generate(block_causal(model), prompt, MASK, gen_length=18, block_length=4,
+                                            denoising_steps=2, temperature=0.0,
+                                            remasking_strategy="low_confidence_dynamic", confidence_threshold=0.3,
+                                            cap_to_masks=True)
+    pipe = BlockDiffusionPipeline(model, mask_token_id=MASK, attention="block_causal",
+                                  attention_mask_format="4d_bool", scheduler=get_preset("sdar").scheduler(),
+                                  backend="torch")
+    out, written = masks_written(pipe, input_ids=prompt, max_new_tokens=18, block_length=4, steps_per_block=2,
+                                 threshold=0.3, eos_early_stop=False)
+    assert written > 0 and out.sequences.tolist() == tokens_after(want, 6, 18)
+
+
 def test_first_block_holding_the_prompt_commits_by_the_whole_blocks_schedule():
     """A 6-token prompt, block 8 and 4 steps: the first block's 2 masks go in one step (upstream's
     schedule over the whole block, capped), not 1 + 1."""
@@ -274,18 +300,22 @@ def test_first_block_holding_the_prompt_commits_by_the_whole_blocks_schedule():
 # LLaDA2
 # ---------------------------------------------------------------------------------------------
 EOS = 3
-LLADA2_CASES = [
-    pytest.param(dict(block_length=4, steps=4, threshold=0.5), id="2.0-block4"),
-    pytest.param(dict(block_length=8, steps=4, threshold=0.3), id="2.0-block8"),
-    pytest.param(dict(block_length=4, steps=4, threshold=0.5, editing_threshold=0.3, max_post_steps=2), id="2.1"),
-    pytest.param(dict(block_length=8, steps=8, threshold=0.6, editing_threshold=0.5, max_post_steps=1),
-                 id="2.1-block8"),
-]
+LLADA2_CASES = {
+    "2.0-block4": dict(block_length=4, steps=4, threshold=0.5),
+    "2.0-block8": dict(block_length=8, steps=4, threshold=0.3),
+    "2.1": dict(block_length=4, steps=4, threshold=0.5, editing_threshold=0.3, max_post_steps=2),
+    "2.1-block8": dict(block_length=8, steps=8, threshold=0.6, editing_threshold=0.5, max_post_steps=1),
+}
+# vocab-12 models predict the mask id: with seed 5 LLaDA2.0 commits it 15 times (its 2.1 loop
+# never ends: edits keep writing it back), and a 2.1 case of seed 3 edits a decoded token into
+# it, re-opening the block
+LLADA2_MODELS = [pytest.param(seed, vocab, case, id=f"{seed}-{vocab}-{name}")
+                 for seed, vocab in ((0, 32), (3, 12)) for name, case in LLADA2_CASES.items()] + [
+    pytest.param(5, 12, LLADA2_CASES[name], id=f"5-12-{name}") for name in ("2.0-block4", "2.0-block8")]
 
 
-@pytest.mark.parametrize("case", LLADA2_CASES)
+@pytest.mark.parametrize("seed, vocab, case", LLADA2_MODELS)
 @pytest.mark.parametrize("eos_early_stop", [False, True])
-@pytest.mark.parametrize("seed, vocab", [(0, 32), (3, 12)])
 def test_llada2(case, eos_early_stop, seed, vocab):
     model = random_qwen3(seed, vocab=vocab, std=0.5)
     prompt = prompt_for(vocab, 5, EOS)

@@ -17,7 +17,9 @@ the block. Steps past ``steps`` reuse the last count.
 
 Harness changes: ``model(x, attention_mask, position_ids)`` returns logits; temperature 0 is
 greedy (the published 2.0 file draws with ``multinomial`` even then; diffusers' pipeline is
-greedy); ``multinomial_fn(probs)`` replaces ``torch.multinomial``.
+greedy); ``multinomial_fn(probs)`` replaces ``torch.multinomial``; ``max_steps_per_block``
+(upstream has none) raises ``RuntimeError`` where the editing loop would never end (edits that
+keep writing the mask id back).
 """
 
 import torch
@@ -46,7 +48,7 @@ def _decoded_eos(cur_x, committed_tokens, eos_id, mask_id, prompt_length):
 @torch.no_grad()
 def generate(model, input_ids, temperature=0.0, block_length=32, steps=32, gen_length=2048, top_p=None, top_k=None,
              eos_early_stop=False, minimal_topk=1, threshold=0.95, eos_id=156892, mask_id=156895,
-             editing_threshold=None, max_post_steps=0, multinomial_fn=None):
+             editing_threshold=None, max_post_steps=0, multinomial_fn=None, max_steps_per_block=1000):
     steps = min(steps, gen_length // minimal_topk)
     prompt_length = input_ids.shape[1]
     num_blocks = (prompt_length + gen_length + block_length - 1) // block_length
@@ -67,8 +69,11 @@ def generate(model, input_ids, temperature=0.0, block_length=32, steps=32, gen_l
         cur_x = x[:, :end]
         start = end - block_length
         prompt_in_block = torch.arange(start, end) < prompt_length
-        step_idx, post_steps = 0, 0
+        step_idx, post_steps, taken = 0, 0, 0
         while step_idx < steps or editing:
+            taken += 1
+            if taken > max_steps_per_block:
+                raise RuntimeError("the published loop would not end here (edits keep re-opening the block)")
             block = cur_x[:, -block_length:]
             active = block == mask_id
             masks_left = bool(active.any())
