@@ -195,18 +195,20 @@ def philox_words(seed: Seed, offset: int, row: torch.Tensor, index: torch.Tensor
     """The first two Philox words for counters ``(index, row, offset, stream)``.
 
     ``row`` is an int64 ``[n]`` tensor, ``index`` int64 ``[W]`` (shared by every row) or
-    ``[n, W]``; ``seed`` a Python int or an int64 tensor ``[n]`` / ``[1]``. Returns two
-    ``[n, W]`` arrays of uint32 values: NumPy ``uint32`` arrays on CPU, int64 tensors elsewhere.
+    ``[n, W]`` (on CPU it may be a NumPy integer array); ``seed`` a Python int or an int64 tensor
+    ``[n]`` / ``[1]``. Returns two ``[n, W]`` arrays of uint32 values: NumPy ``uint32`` arrays on
+    CPU, int64 tensors elsewhere.
     """
     n = row.shape[0]
-    index2d = index.reshape(1, -1) if index.dim() == 1 else index
+    index2d = index.reshape(1, -1) if index.ndim == 1 else index
     c2, c3 = _counter_hi(offset, stream)
     if row.device.type == "cpu":
         if isinstance(seed, torch.Tensor):
             keys = _keys_numpy(seed.reshape(-1).numpy().view(np.uint64))
         else:
             keys = _int_seed_keys(seed)
-        idx = index2d.numpy().astype(np.uint32)  # the low 32 bits, as the counter takes them
+        as_array = index2d if isinstance(index2d, np.ndarray) else index2d.numpy()
+        idx = as_array.astype(np.uint32)  # the low 32 bits, as the counter takes them
         if idx.shape[0] != n:
             idx = np.broadcast_to(idx, (n, idx.shape[1]))
         rows = row.reshape(-1, 1).numpy().astype(np.uint32)
