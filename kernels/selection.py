@@ -223,14 +223,15 @@ def select_transfer_fwd(
     def per_row(t, dtype):  # [B] or [] -> contiguous [B]
         return t.to(dtype).reshape(-1).expand(batch).contiguous()
 
-    k_t = per_row(k, torch.int64) if k is not None else confidence
-    thr_t = per_row(threshold, torch.float32) if threshold is not None else confidence
+    # Absent per-row tensors are None (a constexpr the kernel never reads, guarded by *_PER_ROW).
+    k_t = per_row(k, torch.int64) if k is not None else None
+    thr_t = per_row(threshold, torch.float32) if threshold is not None else None
     if factor is not None:
         fac_t = per_row(factor, torch.float64)
-    elif rule == 3:
+    elif rule == 3:  # the scalar factor travels as float64, as Fast-dLLM computes its bar
         fac_t = torch.full((1,), factor_scalar, dtype=torch.float64, device=confidence.device)
     else:
-        fac_t = confidence
+        fac_t = None
 
     block = max(16, triton.next_power_of_2(length))
     wrap(_select_transfer_kernel)[(batch,)](
