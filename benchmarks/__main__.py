@@ -159,7 +159,7 @@ def main(argv=None):
     name = f"cpu-{os.cpu_count()}core" if args.device == "cpu" else _slug(dev)
     stem = args.out or os.path.join(RESULTS_DIR, name + ("" if args.full else "-quick"))
     record = {"device": dev, "torch": torch.__version__, "mode": "full" if args.full else "quick",
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
               "summary": summary, "rows": all_rows}
     if args.device == "cpu":
         record["cpu"] = cpu_description()
