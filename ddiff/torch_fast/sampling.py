@@ -138,6 +138,44 @@ def _float64_ok(device) -> bool:
     return torch.device(device).type != "mps"
 
 
+@dataclass
+class _Filter:
+    """One filter's per-row value and which rows use it: Python scalars when the parameter is a
+    scalar (no tensor op is spent on it), else ``[n, 1]`` values and a bool ``[n]`` tensor."""
+
+    value: object
+    active: object
+
+
+def _filter(params: RowParams, name: str, test) -> Optional[_Filter]:
+    tensor, scalar = params.params[name]
+    if tensor is None:
+        return _Filter(scalar, True) if test(scalar) else None
+    column = params.column(name)
+    return _Filter(column[:, None], test(column))
+
+
+def _where(active, a, b):
+    """``torch.where`` for a per-row bool tensor; a Python bool picks a side without an op."""
+    if active is True:
+        return a
+    if active is False:
+        return b
+    return torch.where(active, a, b)
+
+
+def _both(a, b):
+    if a is True or b is False:
+        return b
+    if b is True or a is False:
+        return a
+    return a & b
+
+
+def _negate(a):
+    return (not a) if isinstance(a, bool) else ~a
+
+
 def filter_threshold(x: Tensor, t: Tensor, params: RowParams) -> Optional[Tensor]:
     """fp32 ``[n]`` threshold: the kept set of row r is ``x[r] >= theta[r]`` (``-inf``: no filter).
 
@@ -145,86 +183,96 @@ def filter_threshold(x: Tensor, t: Tensor, params: RowParams) -> Optional[Tensor
     top-p total mass without top-k, see the module docstring). None when no row filters.
     """
     n, vocab = x.shape
-    flags = params.filter_flags()
-    if n == 0 or not any(flag is not False for flag in flags.values()):
+    top_k = _filter(params, "top_k", lambda k: (k > 0) & (k < vocab))
+    top_p = _filter(params, "top_p", lambda p: p < 1)
+    min_p = _filter(params, "min_p", lambda m: m > 0)
+    if n == 0 or (top_k is None and top_p is None and min_p is None):
         return None
     readable = host_readable(x)
-    f32 = dict(dtype=torch.float32, device=x.device)
-    no = torch.zeros(n, dtype=torch.bool, device=x.device)
-    top_k = params.column("top_k") if flags["top_k"] is not False else None
-    k_act = (top_k > 0) & (top_k < vocab) if top_k is not None else no
-    top_p = params.column("top_p") if flags["top_p"] is not False else None
-    p_act = top_p < 1 if top_p is not None else no
-    min_p = params.column("min_p") if flags["min_p"] is not False else None
-    m_act = min_p > 0 if min_p is not None else no
+    if top_k is not None and not isinstance(top_k.active, bool):
+        top_k.value = torch.where(top_k.active[:, None], top_k.value, 0)  # 0: the row has no top-k
 
     total = None
-    if top_p is not None and (not readable or bool((p_act & ~k_act).any())):
+    p_only = None if top_p is None else _both(top_p.active, _negate(top_k.active) if top_k else True)
+    if p_only is not None and p_only is not False and (not readable or isinstance(p_only, bool) or bool(p_only.any())):
         # Total mass of a top-p row without top-k: the sum of exp(z - max z) over the row.
         z = x.float() / t[:, None]
         e = torch.exp(z - z.amax(-1, keepdim=True))
         total = e.sum(-1, dtype=torch.float64 if _float64_ok(x.device) else torch.float32).to(torch.float32)
 
-    k_eff = torch.where(k_act, top_k, torch.zeros_like(top_k)) if top_k is not None else None
-    head = (max(int(k_eff.max()) if k_eff is not None else 0, 48) + 16) if readable else vocab
+    if not readable:
+        head = vocab
+    else:
+        k_max = 0 if top_k is None else (top_k.value if isinstance(top_k.active, bool) else int(top_k.value.max()))
+        head = max(k_max, 48) + 16
     while True:
         head = vocab if min(head, vocab) > vocab // 4 else min(head, vocab)
         vals = torch.topk(x, head, dim=-1).values.float()
-        theta, done = _head_threshold(vals, t, top_p, min_p, params.top_p_mode, k_act, p_act, m_act, k_eff, total,
-                                      head == vocab, torch.full((n,), NEG_INF, **f32))
-        if head == vocab or not readable or done is None or bool(done.all()):
+        theta, done = _head_threshold(vals, t, top_k, top_p, min_p, params.top_p_mode, total, whole=head == vocab)
+        if head == vocab or not readable or done is None or done is True or (done is not False and bool(done.all())):
             return theta
         head *= 2
 
 
-def _head_threshold(vals: Tensor, t: Tensor, top_p, min_p, mode: str, k_act, p_act, m_act, k_eff, total,
-                    whole: bool, none: Tensor):
+def _head_threshold(vals: Tensor, t: Tensor, top_k, top_p, min_p, mode: str, total, *, whole: bool):
     """Thresholds from the sorted head ``vals`` [n, K] of each row, and whether the head sufficed
-    (None: it always does). ``top_p`` / ``min_p`` / ``k_eff`` are None for filters no row uses."""
-    head = vals.shape[1]
+    (None: it always does). ``top_k`` / ``top_p`` / ``min_p`` are None when no row uses them."""
+    n, head = vals.shape
+    none = vals.new_full((n,), NEG_INF)
     theta = none
-    done = None if whole else torch.ones_like(none, dtype=torch.bool)
+    done = None if whole else True
     kth = None
-    if k_eff is not None:
-        kth = vals.gather(-1, (k_eff.clamp(1, head) - 1)[:, None]).squeeze(-1)
-        theta = torch.where(k_act, kth, none)
+    if top_k is not None:
+        if isinstance(top_k.value, int):
+            kth = vals[:, top_k.value - 1]
+        else:
+            kth = vals.gather(-1, top_k.value.clamp(1, head) - 1).squeeze(-1)
+        theta = _where(top_k.active, kth, none)
     if top_p is None and min_p is None:
-        return theta, None
+        return theta, done
     z_head = vals / t[:, None]
     e = torch.exp(z_head - z_head[:, :1])
     if top_p is not None:
+        k_active = top_k.active if top_k is not None else False
         if kth is not None:
             # Every token tied with the k-th is kept: top-p sees the whole top-k set.
-            e_kept = torch.where(k_act[:, None] & (vals < kth[:, None]), torch.zeros_like(e), e)
+            below = vals < kth[:, None]
+            e_kept = e.masked_fill(below if k_active is True else (k_active[:, None] & below), 0.0)
         else:
             e_kept = e
         mass = e_kept.cumsum(-1)
-        total_rows = mass[:, -1] if total is None else torch.where(k_act, mass[:, -1], total)
-        target = top_p[:, None] * total_rows[:, None]
+        total_rows = mass[:, -1] if total is None else _where(k_active, mass[:, -1], total)
+        target = top_p.value * total_rows[:, None]
         if mode == "inclusive":
-            first = (mass >= target).int().argmax(-1)
-            theta_p = vals.gather(-1, first[:, None]).squeeze(-1)
+            first = (mass >= target).int().argmax(-1, keepdim=True)
+            theta_p = vals.gather(-1, first).squeeze(-1)
             p_inside = mass[:, -1] >= target[:, 0]
         else:
             # BD3LM: mass strictly above a token (its tie group's exclusive cumsum) plus its own.
             group_start = torch.searchsorted(-vals, -vals, side="left")
             above = (mass - e_kept).gather(-1, group_start)
-            count = ((above + e_kept <= target) | (vals == vals[:, :1])).sum(-1)
-            theta_p = vals.gather(-1, (count - 1).clamp_min(0)[:, None]).squeeze(-1)
-            p_inside = count < head
-        theta = torch.maximum(theta, torch.where(p_act, theta_p, none))
+            count = ((above + e_kept <= target) | (vals == vals[:, :1])).sum(-1, keepdim=True)
+            theta_p = vals.gather(-1, (count - 1).clamp_min(0)).squeeze(-1)
+            p_inside = count.squeeze(-1) < head
+        theta = torch.maximum(theta, _where(top_p.active, theta_p, none))
         if done is not None:
-            # Without top-k the p boundary must lie in the head; with it, the k-th's ties must.
-            ties_inside = vals[:, -1] < kth if kth is not None else torch.ones_like(p_inside)
-            done = done & torch.where(k_act, ~p_act | ties_inside, ~p_act | p_inside)
+            # With top-k the k-th's ties must lie in the head; without it, the p boundary.
+            ties_inside = (vals[:, -1] < kth) if kth is not None else True
+            inside = _where(k_active, ties_inside, p_inside) if not isinstance(k_active, bool) else (
+                ties_inside if k_active else p_inside)
+            done = _both(done, _where(top_p.active, inside, True) if not isinstance(top_p.active, bool) else inside)
     if min_p is not None:
-        count_m = (e >= min_p[:, None]).sum(-1)
-        theta_m = vals.gather(-1, (count_m - 1).clamp_min(0)[:, None]).squeeze(-1)
-        theta = torch.maximum(theta, torch.where(m_act, theta_m, none))
+        count_m = (e >= min_p.value).sum(-1, keepdim=True)
+        theta_m = vals.gather(-1, (count_m - 1).clamp_min(0)).squeeze(-1)
+        theta = torch.maximum(theta, _where(min_p.active, theta_m, none))
         if done is not None:
-            # A min-p boundary below the head matters only without top-k / top-p, whose
-            # boundaries are inside the head and higher.
-            done = done & (~m_act | k_act | p_act | (count_m < head))
+            # A min-p boundary below the head matters only for rows without top-k and top-p,
+            # whose boundaries lie inside the head and higher.
+            others = _both(_negate(top_k.active) if top_k else True, _negate(top_p.active) if top_p else True)
+            if others is not False:
+                m_inside = count_m.squeeze(-1) < head
+                needs = _both(min_p.active, others)
+                done = _both(done, m_inside if needs is True else (~needs | m_inside))
     return theta, done
 
 
