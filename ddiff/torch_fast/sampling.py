@@ -45,11 +45,6 @@ def host_readable(tensor: Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
-def _host_scalar(param: Param):
-    """The parameter's value when it is a Python scalar (known on the host), else None."""
-    return param[1] if param[0] is None else None
-
-
 class RowParams:
     """Per-row sampling parameters of ``n`` rows, kept as Python scalars where they are scalars.
 
