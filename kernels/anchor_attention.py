@@ -13,19 +13,27 @@ Design
   original block), so nothing is permuted in memory and the caller never sees the sort. Sorting
   turns the jagged context edge into a staircase: the anchors inside one query tile are close to
   each other, so a tile's context work is ~ its own rows' work.
+* **Noise blocks as a batched product.** Only the ``BLOCK_SIZE x BLOCK_SIZE`` diagonal blocks of
+  the noise part are live. When ``BLOCK_SIZE`` is a power of two >= 16 that divides the tile
+  (``NOISE_3D``), the kernels compute them as one batched ``[blocks, BLOCK_SIZE, BLOCK_SIZE]``
+  product (``tl.dot`` on 3-D tensors): exactly the live entries, where a 2-D tile over the
+  noise keys computes ``BLOCK_M / BLOCK_SIZE`` times more. Other block sizes take the masked 2-D
+  walk over the noise keys.
 * **Forward** (one program per (query tile, batch*head)): an online softmax (exp2, log-sum-exp
-  kept in base 2) over two key ranges that share one running state: first the tile's own noise
-  blocks (a few key tiles; every kept row gets a finite max here), then the context tiles below the
-  tile's largest anchor. Context tiles below the tile's smallest anchor need no mask; only the
-  last one or two tiles (the staircase step) are masked per row.
+  kept in base 2) that starts from the tile's noise blocks (every kept row gets a finite max
+  there) and then walks the context tiles below the tile's largest anchor. Context tiles below
+  the tile's smallest anchor need no mask; only the last one or two tiles (the staircase step)
+  are masked per row.
 * **Backward**: ``delta = rowsum(dO * O)`` (preprocess), then
 
   - dk/dv: one program per (key tile, batch*kv_head), accumulating over the query heads of the GQA
     group. A context key tile ``[n0, n0 + BLOCK_N)`` is seen only by the blocks with
     ``anchor > n0``: with sorted anchors a suffix of the query rows, found in-kernel by counting
     anchors (no host work). Rows with ``anchor >= n0 + BLOCK_N`` see the whole tile unmasked.
-    A noise key tile is seen only by its own blocks' rows.
-  - dq: one program per (query tile, batch*head), visiting the same key tiles as the forward.
+    A noise key tile is seen only by its own blocks' rows (batched, ``NOISE_CHUNK`` blocks at a
+    time, when ``NOISE_3D``).
+  - dq: one program per (query tile, batch*head), visiting the same key tiles as the forward
+    through the same walk (``_walk_keys``), with the dq step instead of the softmax step.
 
   Both recompute P from the saved log-sum-exp; nothing of size Q x KV is ever stored.
 * Batch/head offsets are int64. Dropped rows load dO as zero and are masked out of P, so they give
@@ -44,24 +52,120 @@ import triton.language as tl
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
 
+# Key ranges of ``_walk_keys`` (KEYS constexpr).
+_NOISE_2D = tl.constexpr(0)  # the tile's own noise blocks, masked to the diagonal blocks
+_CONTEXT_FULL = tl.constexpr(1)  # context keys every row of the tile sees
+_CONTEXT_MASKED = tl.constexpr(2)  # context keys below each row's anchor
+# What ``_walk_keys`` accumulates (KIND constexpr).
+_FORWARD = tl.constexpr(0)
+_GRAD_Q = tl.constexpr(1)
+
 
 # ---------------------------------------------------------------------------------------------
-# Forward
+# Shared pieces
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _mm(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """tl.dot with fp32 accumulation. ``DOT_PRECISION == "upcast"`` is for the CPU interpreter only,
-    whose tl.dot multiplies bf16 operands as raw integers: the operands (already rounded to their
-    storage dtype) are widened to fp32 first, which gives the same exact products a tensor core
-    forms, accumulated in fp32."""
+    """tl.dot with fp32 accumulation (2-D or batched 3-D). ``DOT_PRECISION == "upcast"`` is for the
+    CPU interpreter only, whose tl.dot multiplies bf16 operands as raw integers: the operands
+    (already rounded to their storage dtype) are widened to fp32 first, which gives the same exact
+    products a tensor core forms, accumulated in fp32."""
     if DOT_PRECISION == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif DOT_PRECISION == "ieee":
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _sorted_query_rows(ANC, PERM, pid_m, q_len, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A query tile's rows in sorted-block order.
+
+    Returns (sorted row index, its sorted block, in range, the block's anchor, the caller's row);
+    the anchor is -1 for a dropped block or a padding row.
+    """
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < q_len
+    q_blk = offs_m // BLOCK_SIZE
+    row_anchor = tl.load(ANC + q_blk, mask=row_ok, other=-1)
+    q_row = tl.load(PERM + q_blk, mask=row_ok, other=0) * BLOCK_SIZE + offs_m % BLOCK_SIZE
+    return offs_m, q_blk, row_ok, row_anchor, q_row
+
+
+@triton.jit
+def _sorted_blocks(ANC, PERM, slot0, num_blocks, NB: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Sorted blocks ``slot0 .. slot0 + NB - 1`` as ``[NB, BLOCK_SIZE]`` row grids.
+
+    Returns (sorted row index, the caller's row, kept [NB]); a dropped or padding block is not
+    kept. A block's noise keys sit at ``context_len + `` its caller's rows.
+    """
+    slots = slot0 + tl.arange(0, NB)
+    ok = slots < num_blocks
+    kept = tl.load(ANC + slots, mask=ok, other=-1) >= 0
+    i = tl.arange(0, BLOCK_SIZE)[None, :]
+    sorted_row = slots[:, None] * BLOCK_SIZE + i
+    row = tl.load(PERM + slots, mask=ok, other=0)[:, None] * BLOCK_SIZE + i
+    return sorted_row, row, kept
+
+
+@triton.jit
+def _load_rows3(X, rows, ok, stride_m, stride_d, HEAD_DIM: tl.constexpr):
+    """``X[rows, :]`` for a ``[NB, BLOCK_SIZE]`` grid of rows: ``[NB, BLOCK_SIZE, HEAD_DIM]``, zero
+    where ``ok`` ([NB]) is False."""
+    d = tl.arange(0, HEAD_DIM)[None, None, :]
+    return tl.load(X + rows[:, :, None] * stride_m + d * stride_d, mask=ok[:, None, None], other=0.0)
+
+
+@triton.jit
+def _trans3(x):
+    """Swap the last two axes of a batched ``[NB, R, C]`` tile."""
+    return tl.trans(x, (0, 2, 1))
+
+
+@triton.jit
+def _key_ranges(pid_m, row_ok, row_anchor, q_len, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The key ranges a query tile visits.
+
+    Returns (noise_lo, noise_hi, ctx_full, ctx_hi): its own noise blocks are the sorted keys
+    ``[noise_lo, noise_hi)`` (empty when every row is dropped); context keys ``[0, ctx_full)`` are
+    seen by every row (whole tiles below the smallest anchor), ``[ctx_full, ctx_hi)`` by the rows
+    whose anchor lies beyond.
+    """
+    max_anchor = tl.max(row_anchor, 0)
+    tile_lo = pid_m * BLOCK_M
+    noise_lo = (tile_lo // BLOCK_SIZE) * BLOCK_SIZE
+    noise_hi = tl.minimum(q_len, ((tile_lo + BLOCK_M - 1) // BLOCK_SIZE + 1) * BLOCK_SIZE)
+    noise_hi = tl.where(max_anchor >= 0, noise_hi, noise_lo)  # every row dropped: nothing to do
+    min_anchor = tl.min(tl.where(row_ok, row_anchor, max_anchor), 0)
+    ctx_full = (tl.maximum(min_anchor, 0) // BLOCK_N) * BLOCK_N
+    return noise_lo, noise_hi, ctx_full, tl.maximum(max_anchor, 0)
+
+
+@triton.jit
+def _load_key_tile(X, pos, n_ok, stride_n, stride_d, HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr,
+                   MASKED: tl.constexpr):
+    """Rows ``pos`` of K or V: ``[BLOCK_N, HEAD_DIM]``, or ``[HEAD_DIM, BLOCK_N]`` when ``TRANSPOSED``."""
+    d = tl.arange(0, HEAD_DIM)
+    if TRANSPOSED:
+        ptrs = X + pos[None, :] * stride_n + d[:, None] * stride_d
+        ok = n_ok[None, :]
+    else:
+        ptrs = X + pos[:, None] * stride_n + d[None, :] * stride_d
+        ok = n_ok[:, None]
+    if MASKED:
+        tile = tl.load(ptrs, mask=ok, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and dq: one walk over the key tiles, two steps
+# ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -85,18 +189,83 @@ def _fwd_step(acc, l_i, m_i, q, kT, v, live, qk_scale, MASKED: tl.constexpr, DOT
 
 
 @triton.jit
-def _sorted_query_rows(ANC, PERM, pid_m, q_len, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """A query tile's rows in sorted-block order.
+def _dq_step(dq, q, do, lse, delta, kT, vT, live, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile of dq: P from the saved log-sum-exp, dS = P * (dO V^T - delta), dq += dS K."""
+    p = tl.exp2(_mm(q, kT, None, DOT_PRECISION) * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(live, p, 0.0)
+    dp = _mm(do, vT, None, DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return _mm(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
 
-    Returns (sorted row index, its sorted block, in range, the block's anchor, the caller's row);
-    the anchor is -1 for a dropped block or a padding row.
+
+@triton.jit
+def _walk_keys(acc, l_i, m_i, q, do, lse, delta, K, V, PERM, q_blk, row_anchor, kept, lo, hi, context_len,
+               qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+               KEYS: tl.constexpr, KIND: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Visit the key tiles ``[lo, hi)`` of one range (``KEYS``) and accumulate into the state.
+
+    ``KIND == _FORWARD``: the online softmax state (acc, l_i, m_i); ``do``, ``lse`` and ``delta``
+    are not read. ``KIND == _GRAD_Q``: ``acc`` is dq; ``l_i`` and ``m_i`` pass through.
     """
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < q_len
-    q_blk = offs_m // BLOCK_SIZE
-    row_anchor = tl.load(ANC + q_blk, mask=row_ok, other=-1)
-    q_row = tl.load(PERM + q_blk, mask=row_ok, other=0) * BLOCK_SIZE + offs_m % BLOCK_SIZE
-    return offs_m, q_blk, row_ok, row_anchor, q_row
+    masked: tl.constexpr = KEYS != _CONTEXT_FULL
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        if KEYS == _NOISE_2D:
+            k_blk = offs_n // BLOCK_SIZE
+            pos = context_len + tl.load(PERM + k_blk, mask=n_ok, other=0) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+            live = (q_blk[:, None] == k_blk[None, :]) & kept[:, None] & n_ok[None, :]
+        elif KEYS == _CONTEXT_MASKED:
+            pos = offs_n
+            live = offs_n[None, :] < row_anchor[:, None]
+        else:
+            pos = offs_n
+            live = kept[:, None]  # not read: every row sees these keys
+        kT = _load_key_tile(K, pos, n_ok, stride_kn, stride_kd, HEAD_DIM, True, masked)
+        if KIND == _FORWARD:
+            v = _load_key_tile(V, pos, n_ok, stride_vn, stride_vd, HEAD_DIM, False, masked)
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, kT, v, live, qk_scale, masked, DOT_PRECISION)
+        else:
+            vT = _load_key_tile(V, pos, n_ok, stride_vn, stride_vd, HEAD_DIM, True, masked)
+            acc = _dq_step(acc, q, do, lse, delta, kT, vT, live, qk_scale, masked, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _noise_blocks(Q, K, V, DO, LSE, DELTA, ANC, PERM, pid_m, num_blocks, context_len, qk_scale,
+                  stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_dom, stride_dod,
+                  KIND: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """A query tile's own noise blocks as one batched product (``NOISE_3D``).
+
+    ``KIND == _FORWARD``: the initial softmax state (acc [BLOCK_M, D], l, m in base 2; m = -inf for
+    dropped and padding rows). ``KIND == _GRAD_Q``: (dq [BLOCK_M, D], 0, 0).
+    """
+    NB: tl.constexpr = BLOCK_M // BLOCK_SIZE
+    sorted_row, row, kept = _sorted_blocks(ANC, PERM, pid_m * NB, num_blocks, NB, BLOCK_SIZE)
+    q = _load_rows3(Q, row, kept, stride_qm, stride_qd, HEAD_DIM)
+    k = _load_rows3(K, context_len + row, kept, stride_kn, stride_kd, HEAD_DIM)
+    v = _load_rows3(V, context_len + row, kept, stride_vn, stride_vd, HEAD_DIM)
+    s = _mm(q, _trans3(k), None, DOT_PRECISION) * qk_scale  # [NB, BLOCK_SIZE (query), BLOCK_SIZE (key)]
+    live = kept[:, None, None]
+    if KIND == _FORWARD:
+        m = tl.max(s, 2)
+        p = tl.where(live, tl.exp2(s - m[:, :, None]), 0.0)
+        acc = _mm(p.to(v.dtype), v, None, DOT_PRECISION)
+        l = tl.sum(p, 2)
+        m = tl.where(kept[:, None], m, float("-inf"))
+    else:
+        do = _load_rows3(DO, row, kept, stride_dom, stride_dod, HEAD_DIM)
+        lse = tl.load(LSE + sorted_row, mask=kept[:, None], other=0.0)
+        delta = tl.load(DELTA + sorted_row, mask=kept[:, None], other=0.0)
+        p = tl.where(live, tl.exp2(s - lse[:, :, None]), 0.0)
+        ds = p * (_mm(do, _trans3(v), None, DOT_PRECISION) - delta[:, :, None])
+        acc = _mm(ds.to(k.dtype), k, None, DOT_PRECISION)
+        l = tl.zeros([NB, BLOCK_SIZE], tl.float32)
+        m = l
+    return tl.reshape(acc, (BLOCK_M, HEAD_DIM)), tl.reshape(l, (BLOCK_M,)), tl.reshape(m, (BLOCK_M,))
 
 
 @triton.jit
@@ -107,8 +276,8 @@ def _anchor_attn_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     qk_scale, context_len, num_blocks, num_heads, group,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NOISE_3D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Heaviest tiles first: with sorted anchors the last query tiles see the most context.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -126,46 +295,29 @@ def _anchor_attn_fwd(
     LSE += pid_bh.to(tl.int64) * q_len
 
     offs_m, q_blk, row_ok, row_anchor, q_row = _sorted_query_rows(ANC, PERM, pid_m, q_len, BLOCK_SIZE, BLOCK_M)
+    kept = row_anchor >= 0
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + q_row[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    noise_lo, noise_hi, ctx_full, ctx_hi = _key_ranges(pid_m, row_ok, row_anchor, q_len, BLOCK_SIZE, BLOCK_M,
+                                                       BLOCK_N)
+    if NOISE_3D:
+        acc, l_i, m_i = _noise_blocks(Q, K, V, Q, LSE, LSE, ANC, PERM, pid_m, num_blocks, context_len, qk_scale,
+                                      stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                                      stride_qm, stride_qd, _FORWARD, BLOCK_SIZE, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+    else:
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        acc, l_i, m_i = _walk_keys(acc, l_i, m_i, q, q, l_i, l_i, K, V, PERM, q_blk, row_anchor, kept,
+                                   noise_lo, noise_hi, context_len, qk_scale, stride_kn, stride_kd, stride_vn,
+                                   stride_vd, _NOISE_2D, _FORWARD, BLOCK_SIZE, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _walk_keys(acc, l_i, m_i, q, q, l_i, l_i, K, V, PERM, q_blk, row_anchor, kept, 0, ctx_full,
+                               context_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, _CONTEXT_FULL,
+                               _FORWARD, BLOCK_SIZE, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _walk_keys(acc, l_i, m_i, q, q, l_i, l_i, K, V, PERM, q_blk, row_anchor, kept, ctx_full,
+                               ctx_hi, context_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+                               _CONTEXT_MASKED, _FORWARD, BLOCK_SIZE, HEAD_DIM, BLOCK_N, DOT_PRECISION)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    # Pass 1: the tile's own noise blocks (sorted key index space [noise_lo, noise_hi)).
-    max_anchor = tl.max(row_anchor, 0)
-    tile_lo = pid_m * BLOCK_M
-    noise_lo = (tile_lo // BLOCK_SIZE) * BLOCK_SIZE
-    noise_hi = tl.minimum(q_len, ((tile_lo + BLOCK_M - 1) // BLOCK_SIZE + 1) * BLOCK_SIZE)
-    noise_hi = tl.where(max_anchor >= 0, noise_hi, noise_lo)  # every row dropped: nothing to do
-    for start_n in range(noise_lo, noise_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < noise_hi
-        k_blk = offs_n // BLOCK_SIZE
-        k_pos = context_len + tl.load(PERM + k_blk, mask=n_ok, other=0) * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        kT = tl.load(K + k_pos[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :], other=0.0)
-        v = tl.load(V + k_pos[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
-        live = (q_blk[:, None] == k_blk[None, :]) & (row_anchor[:, None] >= 0) & n_ok[None, :]
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, kT, v, live, qk_scale, True, DOT_PRECISION)
-
-    # Pass 2: context keys [0, max anchor). Below the smallest anchor every row sees every key.
-    min_anchor = tl.min(tl.where(row_ok, row_anchor, max_anchor), 0)
-    ctx_full = (tl.maximum(min_anchor, 0) // BLOCK_N) * BLOCK_N
-    for start_n in range(0, ctx_full, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, kT, v, row_ok[:, None], qk_scale, False, DOT_PRECISION)
-    for start_n in range(ctx_full, max_anchor, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < max_anchor
-        kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :], other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
-        live = offs_n[None, :] < row_anchor[:, None]
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, kT, v, live, qk_scale, True, DOT_PRECISION)
-
-    kept = row_anchor >= 0
     l_safe = tl.where(kept, l_i, 1.0)  # a kept row has l >= 1 (its max term is exp2(0))
     out = tl.where(kept[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(kept, m_i + tl.log2(l_safe), 0.0)
@@ -174,8 +326,68 @@ def _anchor_attn_fwd(
              mask=row_ok[:, None])
 
 
+@triton.jit
+def _anchor_attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA, ANC, PERM,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    sm_scale, qk_scale, context_len, num_blocks, num_heads, group,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NOISE_3D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Heaviest tiles first: with sorted anchors the last query tiles see the most context.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // group
+    q_len = num_blocks * BLOCK_SIZE
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    ANC += b.to(tl.int64) * num_blocks
+    PERM += b.to(tl.int64) * num_blocks
+    LSE += pid_bh.to(tl.int64) * q_len
+    DELTA += pid_bh.to(tl.int64) * q_len
+
+    offs_m, q_blk, row_ok, row_anchor, q_row = _sorted_query_rows(ANC, PERM, pid_m, q_len, BLOCK_SIZE, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kept = row_ok & (row_anchor >= 0)
+    q = tl.load(Q + q_row[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + q_row[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=kept[:, None], other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    noise_lo, noise_hi, ctx_full, ctx_hi = _key_ranges(pid_m, row_ok, row_anchor, q_len, BLOCK_SIZE, BLOCK_M,
+                                                       BLOCK_N)
+    unused = tl.zeros([BLOCK_M], tl.float32)
+    if NOISE_3D:
+        dq, _, _ = _noise_blocks(Q, K, V, DO, LSE, DELTA, ANC, PERM, pid_m, num_blocks, context_len, qk_scale,
+                                 stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                                 stride_dom, stride_dod, _GRAD_Q, BLOCK_SIZE, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+    else:
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        dq, _, _ = _walk_keys(dq, unused, unused, q, do, lse, delta, K, V, PERM, q_blk, row_anchor, kept,
+                              noise_lo, noise_hi, context_len, qk_scale, stride_kn, stride_kd, stride_vn,
+                              stride_vd, _NOISE_2D, _GRAD_Q, BLOCK_SIZE, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    dq, _, _ = _walk_keys(dq, unused, unused, q, do, lse, delta, K, V, PERM, q_blk, row_anchor, kept, 0, ctx_full,
+                          context_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, _CONTEXT_FULL, _GRAD_Q,
+                          BLOCK_SIZE, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    dq, _, _ = _walk_keys(dq, unused, unused, q, do, lse, delta, K, V, PERM, q_blk, row_anchor, kept, ctx_full,
+                          ctx_hi, context_len, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, _CONTEXT_MASKED,
+                          _GRAD_Q, BLOCK_SIZE, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+
+    dq = tl.where(kept[:, None], dq * sm_scale, 0.0)
+    tl.store(DQ + q_row[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
 # ---------------------------------------------------------------------------------------------
-# Backward
+# Backward: delta and dk / dv
 # ---------------------------------------------------------------------------------------------
 
 
@@ -253,6 +465,118 @@ def _query_head(Q, DO, LSE, DELTA, b, h, num_heads, q_len, stride_qb, stride_qh,
 
 
 @triton.jit
+def _noise_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, ANC, PERM, b, hk, slot0, num_blocks, num_heads, group, q_len,
+                context_len, sm_scale, qk_scale,
+                stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_dob, stride_doh, stride_dom, stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NOISE_CHUNK: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """dk, dv of the noise keys of sorted blocks ``slot0 .. + NOISE_CHUNK - 1`` as batched
+    ``[NOISE_CHUNK, BLOCK_SIZE, BLOCK_SIZE]`` products over the query heads of the group, stored."""
+    sorted_row, row, kept = _sorted_blocks(ANC, PERM, slot0, num_blocks, NOISE_CHUNK, BLOCK_SIZE)
+    k = _load_rows3(K, context_len + row, kept, stride_kn, stride_kd, HEAD_DIM)
+    v = _load_rows3(V, context_len + row, kept, stride_vn, stride_vd, HEAD_DIM)
+    dk = tl.zeros([NOISE_CHUNK, BLOCK_SIZE, HEAD_DIM], tl.float32)
+    dv = tl.zeros([NOISE_CHUNK, BLOCK_SIZE, HEAD_DIM], tl.float32)
+    live = kept[:, None, None]
+    for g in range(0, group):
+        Qh, DOh, LSEh, DELTAh = _query_head(Q, DO, LSE, DELTA, b, hk * group + g, num_heads, q_len,
+                                            stride_qb, stride_qh, stride_dob, stride_doh)
+        q = _load_rows3(Qh, row, kept, stride_qm, stride_qd, HEAD_DIM)
+        do = _load_rows3(DOh, row, kept, stride_dom, stride_dod, HEAD_DIM)
+        lse = tl.load(LSEh + sorted_row, mask=kept[:, None], other=0.0)
+        delta = tl.load(DELTAh + sorted_row, mask=kept[:, None], other=0.0)
+        # [chunk, query, key]
+        p = tl.where(live, tl.exp2(_mm(q, _trans3(k), None, DOT_PRECISION) * qk_scale - lse[:, :, None]), 0.0)
+        dv = _mm(_trans3(p).to(do.dtype), do, dv, DOT_PRECISION)
+        ds = p * (_mm(do, _trans3(v), None, DOT_PRECISION) - delta[:, :, None])
+        dk = _mm(_trans3(ds).to(q.dtype), q, dk, DOT_PRECISION)
+    d = tl.arange(0, HEAD_DIM)[None, None, :]
+    key_row = (context_len + row)[:, :, None]
+    ok = (sorted_row < q_len)[:, :, None]
+    tl.store(DK + key_row * stride_dkn + d * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + key_row * stride_dvn + d * stride_dvd, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _store_key_rows(DK, DV, dk, dv, key_row, n_ok, sm_scale, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                    HEAD_DIM: tl.constexpr):
+    d = tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(DK + key_row[:, None] * stride_dkn + d * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=n_ok[:, None])
+    tl.store(DV + key_row[:, None] * stride_dvn + d * stride_dvd, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+
+
+@triton.jit
+def _context_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, ANC, PERM, b, hk, n0, num_blocks, num_heads, group, q_len,
+                  context_len, sm_scale, qk_scale,
+                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                  stride_dob, stride_doh, stride_dom, stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                  BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SEARCH_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dk, dv of the context key tile ``[n0, n0 + BLOCK_N)``, stored."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < context_len
+    k = _load_key_tile(K, offs_n, n_ok, stride_kn, stride_kd, HEAD_DIM, False, True)
+    v = _load_key_tile(V, offs_n, n_ok, stride_vn, stride_vd, HEAD_DIM, False, True)
+    # Anchors are sorted, so the blocks that see any key of the tile (anchor > n0) are a suffix,
+    # and those that see all of it (anchor >= n0 + BLOCK_N) a shorter suffix: count the others.
+    blind = tl.zeros([SEARCH_BLOCK], tl.int32)
+    partial = tl.zeros([SEARCH_BLOCK], tl.int32)
+    for c in range(0, num_blocks, SEARCH_BLOCK):
+        offs_c = c + tl.arange(0, SEARCH_BLOCK)
+        a = tl.load(ANC + offs_c, mask=offs_c < num_blocks, other=2147483647)
+        blind += (a <= n0).to(tl.int32)
+        partial += (a < n0 + BLOCK_N).to(tl.int32)
+    row_lo = tl.sum(blind, 0) * BLOCK_SIZE
+    row_full = tl.sum(partial, 0) * BLOCK_SIZE
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for g in range(0, group):
+        Qh, DOh, LSEh, DELTAh = _query_head(Q, DO, LSE, DELTA, b, hk * group + g, num_heads, q_len,
+                                            stride_qb, stride_qh, stride_dob, stride_doh)
+        dk, dv = _bwd_dkdv_rows(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, ANC, PERM, stride_qm, stride_qd, stride_dom,
+                                stride_dod, offs_n, offs_n, row_lo, row_full, qk_scale,
+                                0, BLOCK_SIZE, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_rows(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, ANC, PERM, stride_qm, stride_qd, stride_dom,
+                                stride_dod, offs_n, offs_n, row_full, q_len, qk_scale,
+                                1, BLOCK_SIZE, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+    _store_key_rows(DK, DV, dk, dv, offs_n, n_ok, sm_scale, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                    HEAD_DIM)
+
+
+@triton.jit
+def _noise_dkdv_masked(Q, K, V, DO, DK, DV, LSE, DELTA, ANC, PERM, b, hk, n0, num_blocks, num_heads, group, q_len,
+                       context_len, sm_scale, qk_scale,
+                       stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                       stride_dob, stride_doh, stride_dom, stride_dod, stride_dkn, stride_dkd, stride_dvn,
+                       stride_dvd, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dk, dv of the noise key tile ``[n0, n0 + BLOCK_N)`` (sorted key order) as 2-D tiles masked to
+    the diagonal blocks: the block sizes ``NOISE_3D`` does not take. Stored."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < q_len
+    k_blk = offs_n // BLOCK_SIZE
+    k_anchor = tl.load(ANC + k_blk, mask=n_ok, other=-1)
+    k_pos = context_len + tl.load(PERM + k_blk, mask=n_ok, other=0) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+    k = _load_key_tile(K, k_pos, n_ok, stride_kn, stride_kd, HEAD_DIM, False, True)
+    v = _load_key_tile(V, k_pos, n_ok, stride_vn, stride_vd, HEAD_DIM, False, True)
+    row_lo = (n0 // BLOCK_SIZE) * BLOCK_SIZE
+    row_hi = tl.minimum(q_len, ((n0 + BLOCK_N - 1) // BLOCK_SIZE + 1) * BLOCK_SIZE)
+    row_hi = tl.where(tl.max(k_anchor, 0) >= 0, row_hi, row_lo)  # all dropped: zero grads
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for g in range(0, group):
+        Qh, DOh, LSEh, DELTAh = _query_head(Q, DO, LSE, DELTA, b, hk * group + g, num_heads, q_len,
+                                            stride_qb, stride_qh, stride_dob, stride_doh)
+        dk, dv = _bwd_dkdv_rows(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, ANC, PERM, stride_qm, stride_qd, stride_dom,
+                                stride_dod, offs_n, k_blk, row_lo, row_hi, qk_scale,
+                                2, BLOCK_SIZE, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+    _store_key_rows(DK, DV, dk, dv, k_pos, n_ok, sm_scale, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                    HEAD_DIM)
+
+
+@triton.jit
 def _anchor_attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, ANC, PERM,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -262,9 +586,12 @@ def _anchor_attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     sm_scale, qk_scale, context_len, num_blocks, num_heads, group, num_ctx_tiles,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEARCH_BLOCK: tl.constexpr, NOISE_3D: tl.constexpr, NOISE_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # Program pid_n < num_ctx_tiles owns context keys [pid_n * BLOCK_N, ...), the others noise keys
+    # (sorted order) [(pid_n - num_ctx_tiles) * BLOCK_N, ...): heaviest first (context tile 0 is
+    # seen by nearly every row).
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
     num_kv_heads = num_heads // group
@@ -277,153 +604,27 @@ def _anchor_attn_bwd_dkdv(
     DV += b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
     ANC += b.to(tl.int64) * num_blocks
     PERM += b.to(tl.int64) * num_blocks
-    offs_d = tl.arange(0, HEAD_DIM)
-    arange_n = tl.arange(0, BLOCK_N)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-
     if pid_n < num_ctx_tiles:
-        # A context key tile [n0, n0 + BLOCK_N).
-        n0 = pid_n * BLOCK_N
-        offs_n = n0 + arange_n
-        n_ok = offs_n < context_len
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
-        # Anchors are sorted, so the blocks that see any key of the tile (anchor > n0) are a suffix,
-        # and those that see all of it (anchor >= n0 + BLOCK_N) a shorter suffix: count the others.
-        blind = tl.zeros([SEARCH_BLOCK], tl.int32)
-        partial = tl.zeros([SEARCH_BLOCK], tl.int32)
-        for c in range(0, num_blocks, SEARCH_BLOCK):
-            offs_c = c + tl.arange(0, SEARCH_BLOCK)
-            a = tl.load(ANC + offs_c, mask=offs_c < num_blocks, other=2147483647)
-            blind += (a <= n0).to(tl.int32)
-            partial += (a < n0 + BLOCK_N).to(tl.int32)
-        row_lo = tl.sum(blind, 0) * BLOCK_SIZE
-        row_full = tl.sum(partial, 0) * BLOCK_SIZE
-        for g in range(0, group):
-            Qh, DOh, LSEh, DELTAh = _query_head(Q, DO, LSE, DELTA, b, hk * group + g, num_heads, q_len,
-                                                stride_qb, stride_qh, stride_dob, stride_doh)
-            dk, dv = _bwd_dkdv_rows(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, ANC, PERM,
-                                    stride_qm, stride_qd, stride_dom, stride_dod,
-                                    offs_n, offs_n, row_lo, row_full, qk_scale,
-                                    0, BLOCK_SIZE, HEAD_DIM, BLOCK_M, DOT_PRECISION)
-            dk, dv = _bwd_dkdv_rows(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, ANC, PERM,
-                                    stride_qm, stride_qd, stride_dom, stride_dod,
-                                    offs_n, offs_n, row_full, q_len, qk_scale,
-                                    1, BLOCK_SIZE, HEAD_DIM, BLOCK_M, DOT_PRECISION)
-        key_row = offs_n
+        _context_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, ANC, PERM, b, hk, pid_n * BLOCK_N, num_blocks, num_heads,
+                      group, q_len, context_len, sm_scale, qk_scale,
+                      stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                      stride_dob, stride_doh, stride_dom, stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                      BLOCK_SIZE, HEAD_DIM, BLOCK_M, BLOCK_N, SEARCH_BLOCK, DOT_PRECISION)
     else:
-        # A noise key tile, in sorted key order [n0, n0 + BLOCK_N): seen only by its own blocks.
         n0 = (pid_n - num_ctx_tiles) * BLOCK_N
-        offs_n = n0 + arange_n
-        n_ok = offs_n < q_len
-        k_blk = offs_n // BLOCK_SIZE
-        k_anchor = tl.load(ANC + k_blk, mask=n_ok, other=-1)
-        k_pos = context_len + tl.load(PERM + k_blk, mask=n_ok, other=0) * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        k = tl.load(K + k_pos[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
-        v = tl.load(V + k_pos[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
-        row_lo = (n0 // BLOCK_SIZE) * BLOCK_SIZE
-        row_hi = tl.minimum(q_len, ((n0 + BLOCK_N - 1) // BLOCK_SIZE + 1) * BLOCK_SIZE)
-        row_hi = tl.where(tl.max(k_anchor, 0) >= 0, row_hi, row_lo)  # all dropped: zero grads
-        for g in range(0, group):
-            Qh, DOh, LSEh, DELTAh = _query_head(Q, DO, LSE, DELTA, b, hk * group + g, num_heads, q_len,
-                                                stride_qb, stride_qh, stride_dob, stride_doh)
-            dk, dv = _bwd_dkdv_rows(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, ANC, PERM,
-                                    stride_qm, stride_qd, stride_dom, stride_dod,
-                                    offs_n, k_blk, row_lo, row_hi, qk_scale,
-                                    2, BLOCK_SIZE, HEAD_DIM, BLOCK_M, DOT_PRECISION)
-        key_row = k_pos
-    # Both kinds of tile end alike: this program owns rows key_row of dk and dv.
-    dk *= sm_scale
-    tl.store(DK + key_row[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
-             mask=n_ok[:, None])
-    tl.store(DV + key_row[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
-             mask=n_ok[:, None])
-
-
-@triton.jit
-def _dq_step(dq, q, do, lse, delta, kT, vT, live, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    p = tl.exp2(_mm(q, kT, None, DOT_PRECISION) * qk_scale - lse[:, None])
-    if MASKED:
-        p = tl.where(live, p, 0.0)
-    dp = _mm(do, vT, None, DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    return _mm(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
-
-
-@triton.jit
-def _anchor_attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, ANC, PERM,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    sm_scale, qk_scale, context_len, num_blocks, num_heads, group,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    # Heaviest tiles first: with sorted anchors the last query tiles see the most context.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    hk = h // group
-    q_len = num_blocks * BLOCK_SIZE
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    ANC += b.to(tl.int64) * num_blocks
-    PERM += b.to(tl.int64) * num_blocks
-    LSE += pid_bh.to(tl.int64) * q_len
-    DELTA += pid_bh.to(tl.int64) * q_len
-
-    offs_m, q_blk, row_ok, row_anchor, q_row = _sorted_query_rows(ANC, PERM, pid_m, q_len, BLOCK_SIZE, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    kept = row_ok & (row_anchor >= 0)
-    q = tl.load(Q + q_row[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + q_row[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=kept[:, None], other=0.0)
-    lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    # Own noise blocks.
-    max_anchor = tl.max(row_anchor, 0)
-    tile_lo = pid_m * BLOCK_M
-    noise_lo = (tile_lo // BLOCK_SIZE) * BLOCK_SIZE
-    noise_hi = tl.minimum(q_len, ((tile_lo + BLOCK_M - 1) // BLOCK_SIZE + 1) * BLOCK_SIZE)
-    noise_hi = tl.where(max_anchor >= 0, noise_hi, noise_lo)
-    for start_n in range(noise_lo, noise_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < noise_hi
-        k_blk = offs_n // BLOCK_SIZE
-        k_pos = context_len + tl.load(PERM + k_blk, mask=n_ok, other=0) * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        kT = tl.load(K + k_pos[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :], other=0.0)
-        vT = tl.load(V + k_pos[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=n_ok[None, :], other=0.0)
-        live = (q_blk[:, None] == k_blk[None, :]) & kept[:, None] & n_ok[None, :]
-        dq = _dq_step(dq, q, do, lse, delta, kT, vT, live, qk_scale, True, DOT_PRECISION)
-
-    # Context: unmasked below the smallest anchor, masked per row up to the largest.
-    min_anchor = tl.min(tl.where(row_ok, row_anchor, max_anchor), 0)
-    ctx_full = (tl.maximum(min_anchor, 0) // BLOCK_N) * BLOCK_N
-    for start_n in range(0, ctx_full, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
-        vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd)
-        dq = _dq_step(dq, q, do, lse, delta, kT, vT, row_ok[:, None], qk_scale, False, DOT_PRECISION)
-    for start_n in range(ctx_full, max_anchor, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < max_anchor
-        kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :], other=0.0)
-        vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=n_ok[None, :], other=0.0)
-        live = offs_n[None, :] < row_anchor[:, None]
-        dq = _dq_step(dq, q, do, lse, delta, kT, vT, live, qk_scale, True, DOT_PRECISION)
-
-    dq = tl.where(kept[:, None], dq * sm_scale, 0.0)
-    tl.store(DQ + q_row[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
-             mask=row_ok[:, None])
+        if NOISE_3D:
+            for c in range(0, BLOCK_N // BLOCK_SIZE, NOISE_CHUNK):
+                _noise_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, ANC, PERM, b, hk, n0 // BLOCK_SIZE + c, num_blocks,
+                            num_heads, group, q_len, context_len, sm_scale, qk_scale,
+                            stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                            stride_dob, stride_doh, stride_dom, stride_dod, stride_dkn, stride_dkd, stride_dvn,
+                            stride_dvd, BLOCK_SIZE, HEAD_DIM, NOISE_CHUNK, DOT_PRECISION)
+        else:
+            _noise_dkdv_masked(Q, K, V, DO, DK, DV, LSE, DELTA, ANC, PERM, b, hk, n0, num_blocks, num_heads, group,
+                               q_len, context_len, sm_scale, qk_scale,
+                               stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn,
+                               stride_vd, stride_dob, stride_doh, stride_dom, stride_dod, stride_dkn, stride_dkd,
+                               stride_dvn, stride_dvd, BLOCK_SIZE, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,8 +636,9 @@ def _anchor_attn_bwd_dq(
 _INTERPRET_CONFIG = ((32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1))
 
 # Picked without a GPU at hand: each compiles for its class (sm_90 / sm_80 / ~100 KB parts) within
-# the shared memory and with no (or a few bytes of) register spills under triton 3.9's ptxas.
-# Not autotuned; ``tiles=`` overrides the block sizes.
+# the shared memory; the sm_90 ones (large, and fp32) with no register spills under triton 3.9's
+# ptxas (``python -m benchmarks.kernel_cost --quick`` checks it). Not autotuned; ``tiles=``
+# overrides the block sizes.
 _GPU_CONFIGS = {
     # Hopper/Blackwell-class shared memory (>= 200 KB per block).
     ("large", 64): ((128, 64, 4, 3), (32, 128, 8, 3), (128, 32, 8, 3)),
@@ -448,10 +650,13 @@ _GPU_CONFIGS = {
     ("small", 64): ((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)),
     ("small", 128): ((64, 64, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2)),
 }
+# Noise blocks per batched dk/dv product: [chunk, BLOCK_SIZE, HEAD_DIM] fp32 accumulators stay
+# small next to the context tiles' [BLOCK_N, HEAD_DIM] ones.
+_NOISE_CHUNK = 2
 # fp32 runs its products exactly on CUDA cores (no tf32): small tiles.
 _FP32_CONFIGS = {
     64: ((32, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2)),
-    128: ((32, 16, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2)),
+    128: ((32, 16, 4, 2), (32, 32, 8, 2), (32, 16, 4, 2)),
 }
 
 
@@ -486,6 +691,12 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     if device.type != "cuda" and dtype == torch.bfloat16:
         return "upcast"
     return "default"
+
+
+def _noise_3d(block_size: int, tile: int) -> bool:
+    """Whether the noise blocks run as one batched product: ``tl.dot`` needs power-of-two sides of
+    at least 16, and the tile must hold whole blocks."""
+    return block_size >= 16 and block_size & (block_size - 1) == 0 and tile % block_size == 0
 
 
 def _identity(kernel):
@@ -530,7 +741,7 @@ def anchor_attention_fwd(
         q, k, v, out, lse, anc, perm,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         scale * _LOG2E, context_len, N, H, H // Hkv,
-        BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_M=fwd_m, BLOCK_N=fwd_n,
+        BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_M=fwd_m, BLOCK_N=fwd_n, NOISE_3D=_noise_3d(block_size, fwd_m),
         DOT_PRECISION=_dot_precision(q.dtype, q.device), num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -560,18 +771,22 @@ def anchor_attention_bwd(
     # Anchors counted per step when a context key tile looks for its first query row.
     search = tiles[6] if tiles and len(tiles) > 6 else max(16, min(256, triton.next_power_of_2(N)))
     precision = _dot_precision(q.dtype, q.device)
+    # fp32 products run on CUDA cores, which hold the batched operands in registers: on a GPU its
+    # dk/dv keeps the masked 2-D walk over the noise keys (the interpreter runs both).
+    noise_3d = _noise_3d(block_size, kv_n) and not (q.dtype == torch.float32 and q.is_cuda)
     wrap(_anchor_attn_bwd_dkdv)[(num_ctx_tiles + triton.cdiv(Lq, kv_n), B * Hkv)](
         q, k, v, grad_out, dk, dv, lse, delta, anc, perm,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         scale, scale * _LOG2E, context_len, N, H, H // Hkv, num_ctx_tiles,
         BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_M=kv_m, BLOCK_N=kv_n, SEARCH_BLOCK=search,
+        NOISE_3D=noise_3d, NOISE_CHUNK=min(_NOISE_CHUNK, kv_n // block_size) if noise_3d else 1,
         DOT_PRECISION=precision, num_warps=kv_warps, num_stages=kv_stages,
     )
     wrap(_anchor_attn_bwd_dq)[(triton.cdiv(Lq, dq_m), B * H)](
         q, k, v, grad_out, dq, lse, delta, anc, perm,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
         scale, scale * _LOG2E, context_len, N, H, H // Hkv,
-        BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_M=dq_m, BLOCK_N=dq_n,
+        BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_M=dq_m, BLOCK_N=dq_n, NOISE_3D=_noise_3d(block_size, dq_m),
         DOT_PRECISION=precision, num_warps=dq_warps, num_stages=dq_stages,
     )
     return dq, dk, dv

@@ -190,6 +190,25 @@ def test_triton_matches_reference_fp32(name, device):
     _assert_close(got, _reference64(c), torch.float32, name)
 
 
+@pytest.mark.parametrize("name", ["keep_mqa_bs16", "empty_context"])
+def test_triton_noise_block_paths_agree(name, device, monkeypatch):
+    # Blocks of a power of two >= 16 rows that tile evenly run their noise part as one batched
+    # product; other block sizes take the masked 2-D walk over the noise keys. Forcing the walk on
+    # the same inputs gives the same result, and both match the reference.
+    from ddiff.kernels import anchor_attention as kernels
+
+    c = _case_tensors(name, torch.float32, device)
+    assert kernels._noise_3d(c["bs"], 32) and not kernels._noise_3d(8, 32) and not kernels._noise_3d(32, 16)
+    want = _reference64(c)
+    batched = _run("triton", c)
+    monkeypatch.setattr(kernels, "_noise_3d", lambda block_size, tile: False)
+    walked = _run("triton", c)
+    _assert_close(batched, want, torch.float32, f"{name} batched noise blocks")
+    _assert_close(walked, want, torch.float32, f"{name} masked noise walk")
+    for what, a, b in zip(("out", "dq", "dk", "dv"), batched, walked):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6, msg=lambda m: f"{name} {what}: {m}")
+
+
 def test_triton_large_logits(device):
     # Scores of several hundred: the online softmax must rescale without overflow. fp32 rounding of
     # such scores is ~1e-5 relative, so the bound is relative to each tensor's largest entry, and
