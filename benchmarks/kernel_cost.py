@@ -253,10 +253,6 @@ class Launch:
     def name(self) -> str:
         return kernel_key(self.kernel)
 
-    @property
-    def programs(self) -> int:
-        return math.prod(self.grid)
-
 
 def _grid_tuple(grid, kernel, args, kwargs) -> tuple:
     if callable(grid):
@@ -431,7 +427,7 @@ class Case:
     name: str
     group: str
     run: Callable[[], dict]  # called inside pretend_cuda(); returns {"bytes": compulsory HBM bytes, ...}
-    trace: TracePolicy = TRACE_ALL
+    trace: Optional[TracePolicy] = TRACE_ALL  # None: compile coverage only, no trip counts
     stream_itemsize: Optional[int] = 2  # element size of the streamed input (per-element costs)
     source: str = ""  # where the shape comes from
     quick: bool = False
@@ -604,7 +600,7 @@ def _coverage_cases() -> list[Case]:
 
             what = "top_k50+top_p0.9" if filtered else "mask+suppress"
             cases.append(Case(f"cover predict_tokens {confidence}/{source} {what} {dt}", "coverage", run,
-                              stream_itemsize=dtype.itemsize, quick=quick))
+                              trace=None, stream_itemsize=dtype.itemsize, quick=quick))
 
     def mdlm():
         logits = _randn(2, 16, 32000, dtype=torch.bfloat16)
@@ -654,20 +650,21 @@ def _coverage_cases() -> list[Case]:
         return {"bytes": tokens.numel() * 17, "rows": 4}
 
     if hasattr(ddiff.ops, "renoise_uniform"):  # not in every checkout the tool costs
-        cases.append(Case("cover renoise_uniform [4,1024]", "coverage", renoise, stream_itemsize=8, quick=True))
-    cases += [Case("cover mdlm_step gate+top_p bf16", "coverage", mdlm, quick=True),
-              Case("cover udlm_step query fp16", "coverage", udlm, quick=True),
-              Case("cover sample per-row temperature/seed, fp16 top_k+min_p", "coverage", sample_per_row, quick=True),
-              Case("cover filter_logits top_k+min_p bf16", "coverage", filter_min_p, quick=True),
+        cases.append(Case("cover renoise_uniform [4,1024]", "coverage", renoise, trace=None, stream_itemsize=8,
+                          quick=True))
+    cases += [Case("cover mdlm_step gate+top_p bf16", "coverage", mdlm, trace=None, quick=True),
+              Case("cover udlm_step query fp16", "coverage", udlm, trace=None, quick=True),
+              Case("cover sample per-row temperature/seed, fp16 top_k+min_p", "coverage", sample_per_row, trace=None,
+                   quick=True),
+              Case("cover filter_logits top_k+min_p bf16", "coverage", filter_min_p, trace=None, quick=True),
               Case("cover select_transfer top-k / threshold / both / per-row / factor", "coverage", selection,
-                   stream_itemsize=4, quick=True)]
+                   trace=None, stream_itemsize=4, quick=True)]
     import torch as _t
 
     for dtype, head_dim in ((_t.bfloat16, 64), (_t.bfloat16, 128), (_t.float32, 64), (_t.float32, 128)):
         s = dict(B=1, Hq=4, Hkv=2, D=head_dim, S=256, N=64, bs=16, dtype=dtype)
         cases.append(Case(f"cover anchor_attention {_attention_label(s)}", "coverage",
-                          functools.partial(_anchor_attention, s), trace=trace_first_head(1), stream_itemsize=None,
-                          quick=True))
+                          functools.partial(_anchor_attention, s), trace=None, stream_itemsize=None, quick=True))
     return cases
 
 
@@ -1097,20 +1094,38 @@ def analyse_sass(text: str, source_loops: "SourceLoops", num_warps: int) -> Sass
         return blocks[v].end - blocks[v].start
 
     costs = []
+    sources: list = []  # per loop (innermost first, as find_loops orders them)
+
+    def descendants(loop):
+        out = []
+        for c in loop.children:
+            out += [c] + descendants(loops[c])
+        return out
+
     for li, loop in enumerate(loops):
         children = [loops[c].nodes for c in loop.children]
         nested = set().union(*children) if children else set()
         own = [i for v in sorted(loop.nodes - nested) for i in range(blocks[v].start, blocks[v].end)]
         n_min = _shortest(blocks, weight, loop.header, loop.header, loop.nodes, children)
         ops = [instrs[i] for i in own]
-        keys = collections.Counter(k for k in (source_loops.key_of(ins.chain) for ins in ops) if k is not None)
-        source = keys.most_common(1)[0][0] if keys else None
+        # The source loop most of its own instructions come from, leaving out the loops its nested
+        # SASS loops already stand for: an inner loop's prologue (first loads, software pipelining)
+        # sits in the outer loop's body but belongs to the inner source loop.
+        claimed = {sources[d] for d in descendants(loop) if sources[d] is not None}
+        keys = collections.Counter(k for k in (source_loops.key_of(ins.chain) for ins in ops)
+                                   if k is not None and k not in claimed)
+        if keys:
+            source = keys.most_common(1)[0][0]
+        else:  # all of it from nested loops: the source loop around the first child's
+            source = next((source_loops.parent(sources[c]) for c in loop.children if sources[c]), None)
+        sources.append(source)
         depth, p = 0, loop.parent
         while p is not None:
             depth, p = depth + 1, loops[p].parent
         loads = [ins for ins in ops if ins.op in ("LDG", "LDGSTS")]
+        label = source_loops.describe(source) if source else f"loop@{instrs[blocks[loop.header].start].addr:#x}"
         costs.append(LoopCost(
-            source=source, label=source_loops.describe(source) if source else f"loop@{instrs[blocks[loop.header].start].addr:#x}",
+            source=source, label=label,
             depth=depth, innermost=not loop.children, instructions_min=int(n_min), instructions_body=len(own),
             barriers=sum(ins.op == "BAR" for ins in ops), shuffles=sum(ins.op == "SHFL" for ins in ops),
             global_loads=len(loads), global_load_bytes=sum(_load_bytes(ins.opcode) for ins in loads),
@@ -1123,7 +1138,8 @@ def analyse_sass(text: str, source_loops: "SourceLoops", num_warps: int) -> Sass
     straight = _shortest(blocks, weight, 0, None, set(range(len(blocks))), top)
     ops = [instrs[i] for i in reachable]
     in_loops = set().union(*top) if top else set()
-    outside = [instrs[i] for v in range(len(blocks)) if v not in in_loops for i in range(blocks[v].start, blocks[v].end)]
+    outside = [instrs[i] for v in range(len(blocks)) if v not in in_loops
+               for i in range(blocks[v].start, blocks[v].end)]
     return SassCost(len(reachable), int(straight) if straight != float("inf") else 0, costs,
                     sum(i.op == "BAR" for i in ops), sum(i.op == "SHFL" for i in ops),
                     sum(i.op in ("LDL", "STL") for i in ops),
@@ -1164,6 +1180,19 @@ class SourceLoops:
             loop = self.innermost(path, line)
             if loop is not None:
                 return tuple(reversed(chain[level + 1:])) + ((path, loop[0]),)
+        return None
+
+    def parent(self, key):
+        """The source loop around the loop ``key`` (in its own function, else around the call)."""
+        for level in range(len(key) - 1, -1, -1):
+            path, line = key[level]
+            best = None
+            for h, b, e in self.loops.get(path, ()):
+                inside = h < line <= e if level == len(key) - 1 else h <= line <= e
+                if inside and (best is None or h > best):
+                    best = h
+            if best is not None:
+                return key[:level] + ((path, best),)
         return None
 
     @staticmethod
@@ -1470,12 +1499,8 @@ def _pool_init(root: str) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     use_source(root)
-    _POOL_STATE["kernels"] = {kernel_key(k): k for k in _all_jit_kernels()}
+    _POOL_STATE["kernels"] = {kernel_key(k): k for k in discover_kernels().values()}
     _POOL_STATE["loops"] = SourceLoops(_kernel_files())
-
-
-def _all_jit_kernels():
-    return discover_kernels().values()
 
 
 def _compile_job(kernel: str, args: tuple, kwargs: dict) -> dict:
@@ -1505,7 +1530,8 @@ def evaluate(cases: list[Case], root: str, *, trace: bool, quick: bool, jobs: in
                 if spec.key not in pending:
                     pending[spec.key] = pool.submit(_compile_job, launch.name, launch.args, launch.kwargs)
             case_rows.append({"name": case.name, "group": case.group, "source": case.source, "info": info,
-                              "stream_itemsize": case.stream_itemsize, "trace_policy": case.trace.describe,
+                              "stream_itemsize": case.stream_itemsize,
+                              "trace_policy": case.trace.describe if case.trace else None,
                               "launches": [{"kernel": launch.name, "grid": list(launch.grid), "variant": spec.key}
                                            for launch, spec in zip(launches, specs)]})
         log(f"  captured {len(cases)} cases: {len(pending)} distinct compiled variants")
@@ -1518,7 +1544,7 @@ def evaluate(cases: list[Case], root: str, *, trace: bool, quick: bool, jobs: in
     traces = {}
     if trace:
         log("tracing trip counts under the interpreter ...")
-        traces = run_trace_worker(root, cases, quick)
+        traces = run_trace_worker(root, [c for c in cases if c.trace is not None], quick)
     for case, row in zip(cases, case_rows):
         _bound_case(case, row, variants, traces.get(row["name"]))
     costed = {launch["kernel"] for row in case_rows for launch in row["launches"]}
@@ -1707,7 +1733,8 @@ def to_markdown(result: dict) -> str:
               "with its warp-instructions per iteration (shortest path), thread-instructions per streamed element, "
               "the HBM fraction its issue rate allows with the working CTAs, and the launch's time bound.", ""]
     lines += ["| case | kernel | variant | grid | working CTAs | hot loop | instr/iter | instr/elem | "
-              "loop BW bound H100 / H200 | launch bound H100 (us) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "loop BW bound H100 / H200 | launch bound H100 (us) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in result["cases"]:
         for launch in c["launches"]:
             bw = launch.get("hot_loop_bw_fraction")

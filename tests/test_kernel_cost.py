@@ -143,6 +143,47 @@ def test_sass_loops_and_costs():
     assert loop.instructions_per_element(2) == pytest.approx(8 * 2 / 18)
 
 
+_NESTED = """
+	//## File "/k.py", line 30
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+	//## File "/k.py", line 12 inlined at "/k.py", line 30
+	//## File "/k.py", line 30
+        /*0010*/                   LDG.E R4, desc[UR4][R8.64] ;
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;
+.L_x_2:
+        /*0030*/                   FADD R4, R4, R5 ;
+        /*0040*/              @P0 BRA `(.L_x_2) ;
+	//## File "/k.py", line {outer} inlined at "/k.py", line 30
+	//## File "/k.py", line 30
+        /*0050*/                   ISETP.LT.AND P1, PT, R2, R3, PT ;
+        /*0060*/              @P1 BRA `(.L_x_1) ;
+        /*0070*/                   EXIT ;
+"""
+
+
+class _NestedLoops(kc.SourceLoops):
+    """/k.py: a helper's ``while`` at line 9 (body 10..14) around a ``for`` at 11 (body 12..13),
+    inlined at line 30 of a kernel without loops."""
+
+    def __init__(self):
+        self.loops = {"/k.py": [(9, 10, 14), (11, 12, 13)]}
+        self.headers = {"/k.py": {9: (10, 14), 11: (12, 13)}}
+
+
+@pytest.mark.parametrize("outer_line", [10, 12])
+def test_nested_loops_map_to_nested_source_loops(outer_line):
+    # The outer SASS loop holds the inner loop's prologue (line 12); it stands for the while loop
+    # whether its own instructions name the while body (line 10) or only the inner loop's lines.
+    cost = kc.analyse_sass(_NESTED.replace("{outer}", str(outer_line)), _NestedLoops(), num_warps=4)
+    inner, outer = cost.loops
+    assert inner.innermost and inner.depth == 1 and inner.instructions_min == 2
+    assert not outer.innermost and outer.depth == 0
+    assert inner.source == (("/k.py", 30), ("/k.py", 11))
+    assert outer.source == (("/k.py", 30), ("/k.py", 9))
+    assert outer.global_loads == 1 and inner.global_loads == 0
+
+
 def test_source_loop_key_follows_the_inlining_chain():
     loops = _Loops()
     # Innermost first: line 12 of the helper, called from line 20 of the kernel.
@@ -150,6 +191,8 @@ def test_source_loop_key_follows_the_inlining_chain():
     assert loops.key_of((("/k.py", 5), ("/k.py", 20))) == (("/k.py", 19),)
     assert loops.key_of((("/k.py", 5),)) is None
     assert loops.key_of((("/other.py", 12),)) is None
+    assert loops.parent((("/k.py", 20), ("/k.py", 11))) == (("/k.py", 19),)
+    assert loops.parent((("/k.py", 19),)) is None
 
 
 def test_mma_flops_and_occupancy():
