@@ -16,7 +16,9 @@ Providers
 TFLOP/s count live FLOPs only: forward 4 * B * Hq * D * sum(live keys per query), backward 2.5x
 that, fwd+bwd 3.5x. Targets (H100, checked here, never in tests): triton fwd+bwd >= 1.5x flex
 including its mask build, >= 1.2x flex without it, and >= 50% of the speed-of-light TFLOP/s.
-On CPU only the torch reference runs, at a tiny shape.
+On CPU only the torch reference runs, at a tiny shape. Where ``benchmarks/results/kernel-cost-sm90.json``
+costs the shape, the ddiff-triton rows carry the static bound (``static_bound_ms``) and the
+measured time over it.
 """
 
 from __future__ import annotations
@@ -111,6 +113,22 @@ def _run_cpu(s):
     return rows
 
 
+def _static_bounds_ms(label):
+    """Per phase, the static lower bound of the Triton kernels' time at this shape, from
+    ``benchmarks/results/kernel-cost-sm90.json`` (``python -m benchmarks.kernel_cost``), for the
+    part this GPU is closest to; None when the table lacks the shape."""
+    from benchmarks.kernel_cost import static_bounds
+
+    machine = "H200" if "H200" in torch.cuda.get_device_name() else "H100 SXM"
+    b = static_bounds(f"{OP} fwd+bwd {label}", machine)
+    if b is None:
+        return None
+    fwd = b.get("anchor_attention:_anchor_attn_fwd", 0.0)
+    bwd = sum(b.get(f"anchor_attention:{k}", 0.0) for k in ("_anchor_attn_bwd_preprocess", "_anchor_attn_bwd_dkdv",
+                                                             "_anchor_attn_bwd_dq"))
+    return {"fwd": fwd * 1e3, "bwd": bwd * 1e3, "fwd+bwd": (fwd + bwd) * 1e3}
+
+
 def _try(fn):
     """Run a provider; on failure (out of memory, no kernel for the shape) return the reason."""
     try:
@@ -202,9 +220,13 @@ def _run_cuda(s, device="cuda"):
 
     # Speedups and targets.
     by = {(r["provider"].split(" (")[0], r["op"]): r for r in rows if r.get("ms") is not None}
+    static = _static_bounds_ms(label)
     for phase in PHASES:
         op = f"{OP} {phase}"
         t = by[("ddiff-triton", op)]
+        if static is not None:  # how far the measurement is from the compiled code's static bound
+            t["static_bound_ms"] = static[phase]
+            t["measured_over_static"] = t["ms"] / static[phase]
         flex_row, flex_build_row, sol_row = (by.get((p, op)) for p in ("flex", "flex+mask-build", "sdpa-flash-sol"))
         if flex_row is not None:
             for r in rows:

@@ -559,8 +559,9 @@ def _anchor_attention(s):
 
 
 def _attention_label(s) -> str:
-    dt = str(s["dtype"]).replace("torch.", "")
-    return f"B{s['B']} Hq{s['Hq']}/{s['Hkv']} D{s['D']} S{s['S']} N{s['N']}x{s['bs']} {dt}"
+    from benchmarks import bench_anchor_attention
+
+    return bench_anchor_attention._label(s)  # the benchmark's shape label, so that it finds its bounds
 
 
 def _attention_cases() -> list[Case]:
@@ -1640,6 +1641,27 @@ def _attention_tiles(row: dict, variants: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
+
+
+def static_bounds(case_name: str, machine: str, path: Optional[str] = None) -> Optional[dict]:
+    """The static time bounds (seconds) of a costed case from a results file: ``{"total": ...,
+    kernel: summed launch bounds}``; None when the file or the case (or its trace) is missing.
+    Benchmarks print them next to what they measure."""
+    path = path or os.path.join(RESULTS_DIR, "kernel-cost-sm90.json")
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        return None
+    case = next((c for c in result.get("cases", ()) if c["name"] == case_name), None)
+    if case is None or "bounds" not in case or machine not in case["bounds"]:
+        return None
+    out = {"total": case["bounds"][machine]["time_s"]}
+    for launch in case["launches"]:
+        bound = launch.get("bounds", {}).get(machine, {}).get("bound_s")
+        if bound is not None:
+            out[launch["kernel"]] = out.get(launch["kernel"], 0.0) + bound
+    return out
 
 
 def _targets(result: dict) -> list[dict]:

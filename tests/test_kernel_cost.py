@@ -290,3 +290,17 @@ def test_trip_counts_per_program():
         counts = launch["programs"][f"{pid},0,0"]
         got = tuple(counts[f"{os.path.abspath(__file__)}:{line}"] for line in (for_line, while_line))
         assert got == trips, (pid, counts)
+
+
+def test_static_bounds_lookup(tmp_path):
+    # What the benchmarks print next to a measurement: the case's bound and its launches' bounds.
+    result = {"cases": [{"name": "c", "bounds": {"H200": {"time_s": 3e-6}},
+                         "launches": [{"kernel": "m:k", "bounds": {"H200": {"bound_s": 1e-6}}},
+                                      {"kernel": "m:k", "bounds": {"H200": {"bound_s": 1.5e-6}}},
+                                      {"kernel": "m:j"}]}]}
+    path = tmp_path / "cost.json"
+    path.write_text(json.dumps(result))
+    assert kc.static_bounds("c", "H200", str(path)) == {"total": 3e-6, "m:k": pytest.approx(2.5e-6)}
+    assert kc.static_bounds("c", "H100 SXM", str(path)) is None
+    assert kc.static_bounds("other", "H200", str(path)) is None
+    assert kc.static_bounds("c", "H200", str(tmp_path / "missing.json")) is None
