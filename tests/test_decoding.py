@@ -226,6 +226,35 @@ def test_confidence_suppress_tokens(backend, kind, confidence_from):
     assert torch.allclose(ref[1], conf, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["prob", "margin", "neg_entropy"])
+def test_filtered_rows_split_across_programs(kind):
+    """The candidate path's passes split a row into runs (target_items); the raw-logit
+    confidence is summed per run relative to the exact maximum of its distribution, even when a
+    confidence-suppressed id sits far above everything else."""
+    from ddiff.kernels import sampling as kernels
+
+    vocab = 3 * kernels.FILTER_BLOCK + 5
+    logits = _logits(1, 4, vocab, seed=31).reshape(4, vocab)
+    logits[0, 100] = 150.0  # suppressed from the confidence only: exp(x - 150) underflows for the rest
+    logits[1, 2 * kernels.FILTER_BLOCK + 1] = 9.0
+    mask = torch.tensor([True, True, False, True], device=DEVICE)
+    suppress = torch.tensor([3], device=DEVICE)
+    csupp = torch.tensor([100, 2 * kernels.FILTER_BLOCK + 1], device=DEVICE)
+    seed = torch.tensor([9], device=DEVICE)
+    for confidence_from in ("raw", "sampling"):
+        expected = ddiff.predict_tokens(logits[None], mask[None], temperature=0.8, top_k=30, confidence=kind,
+                                        confidence_from=confidence_from, suppress_tokens=[3],
+                                        confidence_suppress_tokens=csupp.tolist(), seed=9, offset=2,
+                                        backend="torch", return_argmax=True)
+        for items in (1, 4, 11):
+            tokens, conf, argmax = kernels.predict_tokens_fwd(
+                logits, mask, suppress, None, 0.8, None, 30, None, 1.0, None, 0.0, seed, 0, 2, confidence=kind,
+                conf_raw=confidence_from == "raw", filtered=True, conf_suppress=csupp, return_argmax=True,
+                target_items=items)
+            assert torch.equal(tokens, expected[0][0]) and torch.equal(argmax, expected[2][0]), (confidence_from, items)
+            assert torch.allclose(conf, expected[1][0], rtol=1e-5, atol=1e-6), (confidence_from, items)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_confidence_suppress_tokens_empty_distribution_and_bad_ids(backend):
     logits = torch.tensor([[[0.0, 5.0, 1.0]]], device=DEVICE)

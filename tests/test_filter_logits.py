@@ -237,3 +237,14 @@ def test_bd3lm_triton_equals_reference_awkward_shapes(dtype, shape):
         ref = ddiff.filter_logits(logits, top_p_mode="bd3lm", backend="torch", **kwargs)
         tri = ddiff.filter_logits(logits, top_p_mode="bd3lm", backend="triton", **kwargs)
         assert torch.equal(torch.isfinite(ref), torch.isfinite(tri)), kwargs
+
+
+def test_split_rows_give_the_same_filter():
+    from ddiff.kernels import sampling as kernels
+
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 4 * kernels.FILTER_BLOCK + 7, generator=gen) * 2).to(torch.bfloat16).to(DEVICE)
+    expected = ddiff.filter_logits(logits, top_k=40, top_p=0.8, min_p=0.01, backend="torch")
+    for items in (1, 5, 12):
+        out, bad = kernels.filter_logits_fwd(logits, None, 40, None, 0.8, None, 0.01, target_items=items)
+        assert torch.equal(out, expected) and not bad.any(), items

@@ -195,6 +195,23 @@ def test_split_rows_give_the_same_tokens():
         assert torch.allclose(probs, results[0][1], rtol=1e-6)
 
 
+def test_filtered_split_rows_give_the_same_tokens():
+    from ddiff.kernels import sampling as kernels
+
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(3, 5 * kernels.FILTER_BLOCK + 11, generator=gen) * 2).to(DEVICE)
+    seed = torch.tensor([42], device=DEVICE)
+    # target_items sets how many (row, run of blocks) programs the two passes use: 1 to 6 runs per row.
+    for filters in [(None, 50, None, 0.9, None, 0.0), (None, 0, None, 1.0, None, 0.2)]:
+        results = [kernels.sample_fwd(logits, None, 0.9, *filters, seed, 0, 3, filtered=True, target_items=items)
+                   for items in (1, 6, 9, 18)]
+        ref_tokens, ref_probs = ddiff.sample(logits, 0.9, top_k=filters[1], top_p=filters[3], min_p=filters[5], seed=42,
+                                             offset=3, return_probs=True, backend="torch")
+        for tokens, probs in results:
+            assert torch.equal(tokens, ref_tokens), filters
+            assert torch.allclose(probs, ref_probs, rtol=1e-5), filters
+
+
 @pytest.mark.parametrize("vocab", [50257, 126464, 151936])
 def test_real_vocab_sizes(vocab):
     gen = torch.Generator().manual_seed(vocab)
