@@ -36,13 +36,7 @@ SYMBOLS = list(range(TOK["first_symbol"], TOK["first_symbol"] + TOK["num_symbols
 LETTERS = "abcdefghijklmnop"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on shared cores are far faster single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------

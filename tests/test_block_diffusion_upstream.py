@@ -21,12 +21,7 @@ from ddiff.pipelines.presets import get_preset
 MASK = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tokens_after(x, prompt_len, length=None):

@@ -28,12 +28,7 @@ from ddiff.pipelines.dflash_model import (DFlashDraftConfig, build_target_layer_
 H, HEADS, KV, D = 32, 2, 1, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def draft_config(**overrides) -> dict:

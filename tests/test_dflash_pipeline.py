@@ -25,30 +25,17 @@ import pytest
 import torch
 
 import ddiff
+from tiny_qwen3 import MASK, VOCAB, tiny_target
 from ddiff.pipelines import DFlashDraftModel, DFlashPipeline, DFlashPipelineOutput
 from ddiff.pipelines.dflash import UnsupportedTargetError
 from ddiff.pipelines.dflash_model import target_features
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-VOCAB, MASK = 96, 95
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_target(dtype=torch.float64, **overrides):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
-              num_key_value_heads=1, head_dim=16, max_position_embeddings=128, initializer_range=0.1)
-    kw.update(overrides)
-    return Qwen3ForCausalLM(Qwen3Config(**kw)).to(dtype).eval()
 
 
 @pytest.fixture(scope="module")

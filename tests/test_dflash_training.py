@@ -18,29 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from ddiff.pipelines import DFlashDraftModel
+from tiny_qwen3 import MASK, VOCAB, tiny_target
 from ddiff.pipelines.dflash_model import target_features
 from ddiff.training import dflash_loss
 from ddiff.training.dflash import build_dflash_blocks, default_gamma, lm_head_cross_entropy, sample_anchors
 
-VOCAB, MASK = 96, 95
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_target(dtype=torch.float64):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
-                      initializer_range=0.1)
-    return Qwen3ForCausalLM(cfg).to(dtype).eval()
 
 
 @pytest.fixture(scope="module")

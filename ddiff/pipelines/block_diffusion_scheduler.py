@@ -58,13 +58,12 @@ Example::
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
+from ddiff.pipelines.scheduler_config import SchedulerConfigMixin
 from ddiff import ops
 from ddiff.pipelines.utils import is_int, is_real
 
@@ -77,7 +76,6 @@ SCHEDULES = ("llada", "dream")
 REMASKING = {"low_confidence": "prob", "random": "random", "margin": "margin", "entropy": "neg_entropy",
              "sequential": None, "origin": None}
 CONFIDENCE_FROM = ("raw", "sampling")
-SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
 
 @dataclass
@@ -102,7 +100,7 @@ class BlockDiffusionSchedulerOutput:
     confidence: torch.Tensor
 
 
-class BlockDiffusionScheduler:
+class BlockDiffusionScheduler(SchedulerConfigMixin):
     r"""Per-step commit rules of block diffusion decoding (see the module docstring).
 
     Args:
@@ -125,7 +123,6 @@ class BlockDiffusionScheduler:
         mask_token_id: the mask id (the pipeline sets it).
     """
 
-    config_name = SCHEDULER_CONFIG_NAME
 
     def __init__(self, schedule: str = "llada", remasking: str = "low_confidence", confidence_from: str = "raw",
                  threshold: Optional[float] = None, factor: Optional[float] = None,
@@ -190,8 +187,6 @@ class BlockDiffusionScheduler:
             return config[name]
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
-    def __repr__(self):
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
 
     def replace(self, **overrides) -> "BlockDiffusionScheduler":
         """A new scheduler with some config fields replaced (this one is left as it is)."""
@@ -200,27 +195,7 @@ class BlockDiffusionScheduler:
             raise TypeError(f"unknown scheduler fields {unknown}; the fields are {sorted(self.config)}.")
         return type(self)(**{**self.config, **overrides})
 
-    def save_config(self, save_directory: Union[str, os.PathLike]) -> str:
-        """Write ``scheduler_config.json`` into ``save_directory``; returns its path."""
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, self.config_name)
-        with open(path, "w") as f:
-            json.dump(dict(self.config, _class_name=type(self).__name__), f, indent=2, sort_keys=True)
-            f.write("\n")
-        return path
 
-    @classmethod
-    def from_config(cls, config: Union[dict, str, os.PathLike], **overrides) -> "BlockDiffusionScheduler":
-        """From a dict, a JSON file, or a directory holding ``scheduler_config.json``."""
-        if not isinstance(config, dict):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, cls.config_name)
-            with open(path) as f:
-                config = json.load(f)
-        kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-        kwargs.update(overrides)
-        return cls(**kwargs)
 
     @property
     def _fixed_length(self) -> bool:

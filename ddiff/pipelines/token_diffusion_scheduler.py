@@ -49,20 +49,18 @@ draw (the hybrid part, its uniform tokens, the first-hitting position and time) 
 
 from __future__ import annotations
 
-import json
 import numbers
-import os
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 import ddiff
 from ddiff.ops.schedules import ALPHA_SCHEDULES
+from ddiff.pipelines.scheduler_config import SchedulerConfigMixin
 
 Tensor = torch.Tensor
 
 FORWARD_PROCESSES = ("absorbing", "uniform", "hybrid")
-SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 AUX_OFFSET = 1 << 48  # offset stride between the independent draws of one step
 _AUX_HYBRID_PART, _AUX_UNIFORM_TOKEN, _AUX_POSITION, _AUX_TIME = 1, 2, 3, 4
 
@@ -75,7 +73,7 @@ def _int(name, value, low=None):
     return int(value)
 
 
-class TokenDiffusionScheduler:
+class TokenDiffusionScheduler(SchedulerConfigMixin):
     r"""Forward process, prior, timesteps and reverse step of MDLM / UDLM / hybrid token diffusion.
 
     Args:
@@ -106,7 +104,6 @@ class TokenDiffusionScheduler:
         >>> x = sched.step(logits, x, sched.alphas[0], sched.alphas[1], seed=0, offset=0)
     """
 
-    config_name = SCHEDULER_CONFIG_NAME
 
     def __init__(self, vocab_size: int, mask_token_id: Optional[int] = None, forward_process: str = "absorbing",
                  alpha_schedule: str = "log_linear", eps: float = 1e-3, sigma_min: float = 1e-4,
@@ -150,35 +147,10 @@ class TokenDiffusionScheduler:
             return config[name]
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
-    def __repr__(self):
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
 
-    def to_dict(self) -> dict:
-        return dict(self.config, _class_name=type(self).__name__, _ddiff_version=ddiff.__version__)
 
-    def save_config(self, save_directory: Union[str, os.PathLike]) -> str:
-        """Write ``scheduler_config.json`` into ``save_directory``; returns its path."""
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, self.config_name)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        return path
 
-    @classmethod
-    def from_config(cls, config: Union[dict, str, os.PathLike], **overrides) -> "TokenDiffusionScheduler":
-        """From a dict, a JSON file, or a directory holding ``scheduler_config.json``."""
-        if not isinstance(config, dict):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, cls.config_name)
-            with open(path) as f:
-                config = json.load(f)
-        kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-        kwargs.update(overrides)
-        return cls(**kwargs)
 
-    from_pretrained = from_config
 
     @property
     def num_uniform_tokens(self) -> int:

@@ -23,7 +23,7 @@ import torch
 
 from ddiff.denoiser import denoiser_logits, logits_of, tiny_denoiser
 from ddiff.training.loop import Recipe, TrainingSetup
-from ddiff.training.token_diffusion import (LANGUAGES, LossOutput, _alpha, _token_times, alpha_derivative,
+from ddiff.training.token_diffusion import (LANGUAGES, _absorbing_loss, _alpha, _token_times,
                                             block_diffusion_mask, language_tokenizer, noise_absorbing, sample_times)
 from ddiff.training.token_diffusion_recipes import add_denoiser_arguments, language_batches, saver
 
@@ -99,15 +99,9 @@ def bd3lm_loss(model, x0: Tensor, t: Optional[Tensor] = None, *, mask_token_id: 
     else:
         mask = block_diffusion_mask(seq_len, block_size, device=device).dense
         logits = denoiser_logits(model, both, attention_mask=mask, position_ids=positions)
-    logits = logits[:, :seq_len].float()
-    logits = logits.index_fill(-1, torch.tensor([mask_token_id], device=device), float("-inf"))
-    nll = -torch.log_softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
-    weight = -alpha_derivative(t_tok, alpha_schedule, eps, sigma_min=sigma_min, sigma_max=sigma_max) / (1.0 - alpha)
-    token_loss = torch.where(x_t == mask_token_id, weight * nll, torch.zeros_like(nll))
-    loss = token_loss.sum() / token_loss.numel()
-    if return_output:
-        return LossOutput(loss=loss, token_loss=token_loss, x_t=x_t, t=t_tok)
-    return loss
+    logits = logits[:, :seq_len]
+    return _absorbing_loss(logits, x0, x_t, t_tok, alpha, mask_token_id, alpha_schedule, eps, sigma_min, sigma_max,
+                           return_output)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -209,6 +209,21 @@ class LossOutput:
     t: Tensor
 
 
+def _absorbing_loss(logits, x0, x_t, t_tok, alpha, mask_token_id, alpha_schedule, eps, sigma_min, sigma_max,
+                    return_output):
+    """MDLM's continuous-time absorbing loss from the denoiser's logits at ``x_t``: the mask id is
+    never a prediction (SUBS), each masked token's NLL is weighted by -alpha'(t) / (1 - alpha)."""
+    logits = logits.float()
+    logits = logits.index_fill(-1, torch.tensor([mask_token_id], device=logits.device), float("-inf"))
+    nll = -torch.log_softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
+    weight = -alpha_derivative(t_tok, alpha_schedule, eps, sigma_min=sigma_min, sigma_max=sigma_max) / (1.0 - alpha)
+    token_loss = torch.where(x_t == mask_token_id, weight * nll, torch.zeros_like(nll))
+    loss = token_loss.sum() / token_loss.numel()
+    if return_output:
+        return LossOutput(loss=loss, token_loss=token_loss, x_t=x_t, t=t_tok)
+    return loss
+
+
 def mdlm_loss(model, x0: Tensor, t: Optional[Tensor] = None, *, mask_token_id: int,
               alpha_schedule: str = "log_linear", eps: float = 1e-3, sigma_min: float = 1e-4, sigma_max: float = 20.0,
               block_size: Optional[int] = None, t_min: float = 1e-3, antithetic: bool = True,
@@ -245,15 +260,8 @@ def mdlm_loss(model, x0: Tensor, t: Optional[Tensor] = None, *, mask_token_id: i
         mask = block_diffusion_mask(seq_len, block_size, device=device).dense
         logits = denoiser_logits(model, torch.cat([x_t, x0], dim=1), attention_mask=mask,
                                  position_ids=positions)[:, :seq_len]
-    logits = logits.float()
-    logits = logits.index_fill(-1, torch.tensor([mask_token_id], device=device), float("-inf"))
-    nll = -torch.log_softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
-    weight = -alpha_derivative(t_tok, alpha_schedule, eps, sigma_min=sigma_min, sigma_max=sigma_max) / (1.0 - alpha)
-    token_loss = torch.where(x_t == mask_token_id, weight * nll, torch.zeros_like(nll))
-    loss = token_loss.sum() / token_loss.numel()
-    if return_output:
-        return LossOutput(loss=loss, token_loss=token_loss, x_t=x_t, t=t_tok)
-    return loss
+    return _absorbing_loss(logits, x0, x_t, t_tok, alpha, mask_token_id, alpha_schedule, eps, sigma_min, sigma_max,
+                           return_output)
 
 
 def udlm_integrand(log_x0_hat: Tensor, x0: Tensor, x_t: Tensor, alpha: Tensor, dalpha: Tensor) -> Tensor:
