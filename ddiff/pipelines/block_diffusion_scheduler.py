@@ -63,8 +63,8 @@ from typing import Optional, Union
 
 import torch
 
-from ddiff.pipelines.scheduler_config import SchedulerConfigMixin
 from ddiff import ops
+from ddiff.pipelines.scheduler_config import SchedulerConfigMixin
 from ddiff.pipelines.utils import is_int, is_real
 
 Tensor = torch.Tensor
@@ -122,7 +122,6 @@ class BlockDiffusionScheduler(SchedulerConfigMixin):
         eps: the last time of Dream's grid ``linspace(1, eps, n + 1)``.
         mask_token_id: the mask id (the pipeline sets it).
     """
-
 
     def __init__(self, schedule: str = "llada", remasking: str = "low_confidence", confidence_from: str = "raw",
                  threshold: Optional[float] = None, factor: Optional[float] = None,
@@ -187,15 +186,12 @@ class BlockDiffusionScheduler(SchedulerConfigMixin):
             return config[name]
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
-
     def replace(self, **overrides) -> "BlockDiffusionScheduler":
         """A new scheduler with some config fields replaced (this one is left as it is)."""
         unknown = sorted(set(overrides) - set(self.config))
         if unknown:
             raise TypeError(f"unknown scheduler fields {unknown}; the fields are {sorted(self.config)}.")
         return type(self)(**{**self.config, **overrides})
-
-
 
     @property
     def _fixed_length(self) -> bool:

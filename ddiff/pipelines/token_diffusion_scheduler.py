@@ -104,7 +104,6 @@ class TokenDiffusionScheduler(SchedulerConfigMixin):
         >>> x = sched.step(logits, x, sched.alphas[0], sched.alphas[1], seed=0, offset=0)
     """
 
-
     def __init__(self, vocab_size: int, mask_token_id: Optional[int] = None, forward_process: str = "absorbing",
                  alpha_schedule: str = "log_linear", eps: float = 1e-3, sigma_min: float = 1e-4,
                  sigma_max: float = 20.0, mask_fraction: float = 0.5):
@@ -146,11 +145,6 @@ class TokenDiffusionScheduler(SchedulerConfigMixin):
         if config is not None and name in config:
             return config[name]
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
-
-
-
-
-
 
     @property
     def num_uniform_tokens(self) -> int:
