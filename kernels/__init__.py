@@ -1,1 +1,0 @@
-"""Triton kernels, installed as ``ddiff.kernels``. Import lazily: triton may be absent."""
