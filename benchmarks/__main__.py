@@ -2,9 +2,15 @@
 
 Quick mode (the default) runs a reduced set of shapes so that the whole suite finishes in a few
 minutes on a CPU; ``--full`` runs the shapes the issues name. Results go to
-``benchmarks/results/<device>[-quick].json`` and ``.csv`` and a plot per op (CPU runs are named
-after the core count, e.g. ``cpu-2core-quick``). The run ends with one line per op: the fastest
-ddiff provider against the fastest other provider.
+``benchmarks/results/local/<device>[-quick].json`` and ``.csv`` and a plot per op (CPU runs are
+named after the core count, e.g. ``cpu-2core-quick``); that folder is git-ignored, so a user's run
+never overwrites the committed results. ``--save`` writes to ``benchmarks/results/`` itself, to
+regenerate the committed results on purpose (plots are never committed). The run ends with one
+line per op: the fastest ddiff provider against the fastest other provider, or which providers did
+not run at which shape and why.
+
+A benchmark module that raises is reported (its traceback, then a ``FAILED`` line in the summary)
+and the rest of the suite still runs and writes its results; the command then exits with 1.
 
 On CPU the suite runs single-threaded unless ``--threads`` says otherwise: on a shared machine
 a parallel torch op waits for its slowest thread, which turns other processes' load into
@@ -23,13 +29,15 @@ import pkgutil
 import re
 import sys
 import time
+import traceback
 import warnings
 
 import torch
 
 from benchmarks.common import cpu_description, device_name, ratio_summary
 
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")  # committed: written with --save only
+LOCAL_RESULTS_DIR = os.path.join(RESULTS_DIR, "local")  # git-ignored: every other run
 
 
 def _slug(name: str) -> str:
@@ -59,11 +67,12 @@ def _quiet_libraries() -> None:
 
 
 def _print_rows(rows):
-    skipped = [r for r in rows if r.get("ms") is None and str(r.get("note", "")).startswith("needs a CUDA")]
-    rows = [r for r in rows if r not in skipped]
-    if skipped:
-        names = ", ".join(dict.fromkeys(r["provider"] for r in skipped))
-        print(f"(not run here, need a CUDA device: {names})")
+    skipped = [r for r in rows if r.get("ms") is None]
+    rows = [r for r in rows if r.get("ms") is not None]
+    for why in dict.fromkeys(str(r.get("note") or "not run") for r in skipped):
+        names = ", ".join(dict.fromkeys(f"{r['provider']} at {r['shape']}" for r in skipped if
+                                        str(r.get("note") or "not run") == why))
+        print(f"(not run: {names}: {why})")
     if not rows:
         return
     cols = ["op", "shape", "provider", "ms", "gbps", "pct_copy_bw", "tflops", "peak_mb", "speedup", "note"]
@@ -117,8 +126,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("--full", action="store_true", help="run the full shape grid named in the issues")
     parser.add_argument("--only", nargs="*", default=None, help="substrings of bench module names to run")
-    parser.add_argument("--out", default=None, help="results file stem (default: results/<device>)")
-    parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--out", default=None, help="results file stem (default: results/local/<device>)")
+    parser.add_argument("--save", action="store_true",
+                        help="write to the committed benchmarks/results/ (default: the ignored results/local/)")
+    parser.add_argument("--no-save", action="store_true", help="write no results files")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default 1)")
     args = parser.parse_args(argv)
     args.quick = not args.full
@@ -136,31 +147,39 @@ def main(argv=None):
         print("No GPU here: only the torch providers run; every triton row needs a CUDA device.")
 
     load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    all_rows = []
+    all_rows, failed = [], []
     for name in _bench_modules(args.only):
-        mod = importlib.import_module(f"benchmarks.{name}")
-        print(f"\n== {name} ==")
+        print(f"\n== {name} ==", flush=True)
         started = time.time()
-        rows = mod.run(args)
+        try:
+            rows = importlib.import_module(f"benchmarks.{name}").run(args)
+        except Exception as e:  # noqa: BLE001 - one broken module must not cost the others' results
+            traceback.print_exc(file=sys.stdout)
+            failed.append(f"FAILED {name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            print(f"{failed[-1]} ({time.time() - started:.1f}s)", flush=True)
+            continue
         for r in rows:
             r.setdefault("device", dev)
         _print_rows(rows)
-        print(f"({time.time() - started:.1f}s)")
+        print(f"({time.time() - started:.1f}s)", flush=True)
         all_rows.extend(rows)
 
-    summary = ratio_summary(all_rows)
+    summary = ratio_summary(all_rows) + failed
     if summary:
         print("\n== summary: fastest ddiff provider vs fastest other provider (x > 1: ddiff is faster) ==")
         for line in summary:
             print(line)
+    status = 1 if failed else 0
     if args.no_save or not all_rows:
-        return 0
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+        return status
     name = f"cpu-{os.cpu_count()}core" if args.device == "cpu" else _slug(dev)
-    stem = args.out or os.path.join(RESULTS_DIR, name + ("" if args.full else "-quick"))
+    stem = args.out or os.path.join(RESULTS_DIR if args.save else LOCAL_RESULTS_DIR,
+                                    name + ("" if args.full else "-quick"))
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     record = {"device": dev, "torch": torch.__version__, "mode": "full" if args.full else "quick",
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
-              "summary": summary, "rows": all_rows}
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "command": " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)]),
+              "summary": summary, "failed": failed, "rows": all_rows}
     if args.device == "cpu":
         record["cpu"] = cpu_description()
         record["torch_threads"] = torch.get_num_threads()
@@ -182,7 +201,7 @@ def main(argv=None):
         w.writerows(all_rows)
     _plot(all_rows, stem)
     print(f"\nwrote {stem}.json, {stem}.csv and plots")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Providers
 TFLOP/s count live FLOPs only: forward 4 * B * Hq * D * sum(live keys per query), backward 2.5x
 that, fwd+bwd 3.5x. Targets (H100, checked here, never in tests): triton fwd+bwd >= 1.5x flex
 including its mask build, >= 1.2x flex without it, and >= 50% of the speed-of-light TFLOP/s.
-On CPU only the torch reference runs, at a tiny shape. Where ``benchmarks/results/kernel-cost-sm90.json``
+On CPU, at a tiny shape, ``ddiff-torch`` (``backend="torch"``) runs against ``sdpa-dense`` and,
+forward only, eager ``flex``. Where ``benchmarks/results/kernel-cost-sm90.json``
 costs the shape, the ddiff-triton rows carry the static bound (``static_bound_ms``) and the
 measured time over it.
 """
@@ -100,16 +101,39 @@ def _unavailable_rows(label, providers, why):
 
 
 def _run_cpu(s):
+    """CPU: ddiff's torch backend against SDPA with the dense mask and eager FlexAttention (forward
+    only: FlexAttention has no CPU backward), at a tiny shape."""
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import create_block_mask
+
     from ddiff.ops import anchor_attention
+    from ddiff.ops.attention import _flex_apply
+    from ddiff.reference.attention import anchor_attention_mask, anchor_mask_mod
 
     label = _label(s)
+    B, S, N, bs, D = (s[k] for k in ("B", "S", "N", "bs", "D"))
     q, k, v, do, anchors, live = _inputs(s, "cpu")
-    flops = 4.0 * s["B"] * s["Hq"] * s["D"] * live
-    fwd = lambda q, k, v: anchor_attention(q, k, v, anchors, context_len=s["S"], block_size=s["bs"],  # noqa: E731
+    flops = 4.0 * B * s["Hq"] * D * live
+    fwd = lambda q, k, v: anchor_attention(q, k, v, anchors, context_len=S, block_size=bs,  # noqa: E731
                                            backend="torch")
-    rows = _measure("torch-ref", label, fwd, q, k, v, do, "cpu", flops)
-    rows += _unavailable_rows(label, ("ddiff-triton", "flex", "flex+mask-build", "sdpa-dense", "sdpa-flash-sol"),
-                              "needs a CUDA device")
+    rows = _measure("ddiff-torch", label, fwd, q, k, v, do, "cpu", flops)
+    mask = anchor_attention_mask(anchors, S, bs)[:, None]
+    dense = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
+    rows += _measure("sdpa-dense", label, dense, q, k, v, do, "cpu", flops)
+
+    Lq, Lk = N * bs, S + N * bs
+    make_mask = lambda: create_block_mask(anchor_mask_mod(anchors, S, bs), B, None, Lq, Lk, device="cpu")  # noqa: E731
+    block_mask = make_mask()
+    build_ms = time_ms(make_mask, "cpu")
+    with torch.no_grad():
+        flex_ms = time_ms(lambda: _flex_apply(q, k, v, block_mask, D**-0.5, None, bs), "cpu")
+    for provider, ms in (("flex", flex_ms), ("flex+mask-build", flex_ms + build_ms)):
+        rows.append({"op": f"{OP} fwd", "shape": label, "provider": provider, "ms": ms,
+                     "tflops": flops / (ms * 1e-3) / 1e12})
+        no_backward = f"FlexAttention has no backward on CPU (torch {torch.__version__.split('+')[0]})"
+        rows += [provider_unavailable(f"{OP} {phase}", label, provider, no_backward) for phase in PHASES[1:]]
+    rows += _unavailable_rows(label, ("ddiff-triton",), "needs a CUDA device")
+    rows += _unavailable_rows(label, ("sdpa-flash-sol",), "needs a CUDA device (SDPA's flash backend)")
     return rows
 
 

@@ -13,9 +13,9 @@ the prompts):
   the cost of a round, not DFlash's speed-up.
 
 Providers: ``hf-generate`` (transformers ``generate(do_sample=False)``, the AR baseline),
-``ar-block1`` (``DFlashPipeline(block_size=1)``: ddiff's loop with the target alone),
-``dflash`` (the trained draft on ``tiny``, the random one on ``qwen3-8b-shape``) and
-``dflash-untrained`` (tiny only). Row fields: ``ms`` (all prompts), ``tokens_per_s``,
+``ddiff-ar-block1`` (``DFlashPipeline(block_size=1)``: ddiff's loop with the target alone),
+``ddiff-dflash`` (the trained draft on ``tiny``, the random one on ``qwen3-8b-shape``) and
+``ddiff-dflash-untrained`` (tiny only). Row fields: ``ms`` (all prompts), ``tokens_per_s``,
 ``mean_accept`` (tokens per verification round), ``model_ms`` (time inside the target, the draft,
 the draft's context projection and the target's embedding / LM head when the draft uses them:
 CUDA events / perf_counter around each outermost call) and ``outside_pct`` (the non-model share
@@ -152,7 +152,7 @@ def _decode_provider(provider, target, draft, prompts):
             return []
         return run
     pipe = DFlashPipeline(draft, target)
-    block = 1 if provider == "ar-block1" else None
+    block = 1 if provider == "ddiff-ar-block1" else None
 
     def run():
         lengths = []
@@ -167,7 +167,8 @@ def _decode_provider(provider, target, draft, prompts):
 def _decode_rows(name, target, drafts: dict, prompts, device, reps):
     rows = []
     some_draft = next(iter(drafts.values()))
-    providers = [("hf-generate", some_draft), ("ar-block1", some_draft), *drafts.items()]
+    providers = [("hf-generate", some_draft), ("ddiff-ar-block1", some_draft),
+                 *((f"ddiff-{name}", draft) for name, draft in drafts.items())]
     for provider, draft in providers:
         shape = f"{name} prompts{len(prompts)} new{NEW_TOKENS}"
         fn = _decode_provider(provider, target, draft, prompts)
@@ -218,9 +219,11 @@ def _loss_rows_cpu():
     draft = drafts["dflash"].train()
     S, N = 72, 32
     shape = f"tiny S{S} N{N}x{draft.block_size} fp32"
-    rows = [{"op": OP_LOSS, "shape": shape, "provider": "torch-ref",
+    rows = [{"op": OP_LOSS, "shape": shape, "provider": "ddiff-torch",
              "ms": time_ms(_loss_fn(draft, target, S, N, "cpu", "torch", False), "cpu", warmup=2, rep=5)}]
-    rows += [provider_unavailable(OP_LOSS, shape, p, "needs a CUDA device") for p in ("ddiff-triton", "flex")]
+    rows.append(provider_unavailable(OP_LOSS, shape, "ddiff-triton", "needs a CUDA device"))
+    rows.append(provider_unavailable(OP_LOSS, shape, "flex", f"FlexAttention has no backward on CPU (torch "
+                                                             f"{torch.__version__.split('+')[0]})"))
     return rows
 
 
@@ -270,8 +273,8 @@ def run(args) -> list[dict]:
                 torch.cuda.empty_cache()
             else:
                 shape = f"qwen3-8b-shape random prompts2 new{NEW_TOKENS}"
-                rows += [provider_unavailable(OP_DECODE, shape, p, "needs a CUDA device")
-                         for p in ("hf-generate", "ar-block1", "dflash")]
+                rows += [provider_unavailable(OP_DECODE, shape, p, "needs a CUDA device (8B-parameter target)")
+                         for p in ("hf-generate", "ddiff-ar-block1", "ddiff-dflash")]
                 rows += _loss_rows_cpu()
     finally:
         torch.set_num_threads(threads)

@@ -155,26 +155,35 @@ def provider_unavailable(op: str, shape: str, provider: str, why: str) -> dict:
 
 
 def ratio_summary(rows: list[dict]) -> list[str]:
-    """One line per op: the fastest ddiff provider against the fastest other provider, per shape.
+    """One line per op: per shape, the fastest ddiff provider against the fastest other provider.
 
-    ``speedup`` here is (best other ms) / (best ddiff ms): above 1, ddiff is faster.
+    ``speedup`` here is (best other ms) / (best ddiff ms): above 1, ddiff is faster. A shape with
+    no pair to compare says what ran and which providers did not, with the reason each row gives.
     """
     lines = []
-    ops = list(dict.fromkeys(r["op"] for r in rows))
-    for op in ops:
+    for op in dict.fromkeys(r["op"] for r in rows):
         parts = []
         for shape in dict.fromkeys(r["shape"] for r in rows if r["op"] == op):
-            timed = [r for r in rows if r["op"] == op and r["shape"] == shape and r.get("ms")]
+            here = [r for r in rows if r["op"] == op and r["shape"] == shape]
+            timed = [r for r in here if r.get("ms")]
             ours = [r for r in timed if r["provider"].startswith("ddiff")]
             others = [r for r in timed if not r["provider"].startswith("ddiff")]
-            if not ours or not others:
+            if ours and others:
+                best_ours = min(ours, key=lambda r: r["ms"])
+                best_other = min(others, key=lambda r: r["ms"])
+                ratio = best_other["ms"] / best_ours["ms"]
+                parts.append(f"{shape}: {best_ours['provider']} {_fmt_ratio(ratio)} vs {best_other['provider']}")
                 continue
-            best_ours = min(ours, key=lambda r: r["ms"])
-            best_other = min(others, key=lambda r: r["ms"])
-            ratio = best_other["ms"] / best_ours["ms"]
-            parts.append(f"{shape}: {best_ours['provider']} {_fmt_ratio(ratio)} vs {best_other['provider']}")
-        if parts:
-            lines.append(f"{op}: " + "; ".join(parts))
+            ran = ", ".join(f"{r['provider']} {r['ms']:.4g} ms" for r in timed) or "nothing ran"
+            reasons: dict[str, list[str]] = {}
+            for r in here:
+                if not r.get("ms"):
+                    reasons.setdefault(str(r.get("note") or "not run"), []).append(r["provider"])
+            missing = "; ".join(f"{', '.join(dict.fromkeys(p))} not run: {why}" for why, p in reasons.items())
+            if not (ours and others):
+                missing = "; ".join(filter(None, [missing, "no " + ("other" if ours else "ddiff") + " provider ran"]))
+            parts.append(f"{shape}: {ran} ({missing})")
+        lines.append(f"{op}: " + "; ".join(parts))
     return lines
 
 
