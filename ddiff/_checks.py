@@ -13,6 +13,7 @@ take the tensor when there is one and the scalar otherwise.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import numbers
 from typing import Optional
@@ -23,7 +24,9 @@ from ddiff.reference.rng import MAX_ROWS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_SYNC_CHECKS = [True]
+# Per thread and per asyncio task: a pipeline that turns the checks off in one thread never turns
+# them off for another (each new thread starts from the default).
+_SYNC_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("ddiff_sync_checks", default=True)
 
 
 @contextlib.contextmanager
@@ -35,23 +38,23 @@ def sync_checks(enabled: bool):
     decoding loop runs without a host sync: invalid rows then come back as token -1 (and
     confidence NaN), and the caller validates once, as the pipelines do at the end of a call.
     Shape, dtype, device and Python-scalar checks always run. Under ``torch.compile`` the
-    value checks are skipped as well.
+    value checks are skipped as well. The setting belongs to the current thread (and asyncio
+    task): other threads keep their own.
 
     Example:
         >>> with ddiff.sync_checks(False):
         ...     tokens = ddiff.sample(logits, seed=0)   # no host sync; bad rows give -1
     """
-    previous = _SYNC_CHECKS[0]
-    _SYNC_CHECKS[0] = bool(enabled)
+    token = _SYNC_CHECKS.set(bool(enabled))
     try:
         yield
     finally:
-        _SYNC_CHECKS[0] = previous
+        _SYNC_CHECKS.reset(token)
 
 
 def eager() -> bool:
     """True when checks that read tensor values (a host sync) may run."""
-    return _SYNC_CHECKS[0] and not torch.compiler.is_compiling()
+    return _SYNC_CHECKS.get() and not torch.compiler.is_compiling()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -414,11 +414,12 @@ _ARANGES: dict = {}
 def aranged(size: int, device) -> Tensor:
     """``torch.arange(size)`` on ``device``, cached (read-only)."""
     key = (size, str(device))
-    if key not in _ARANGES:
+    cached = _ARANGES.get(key)  # one read: another thread may clear the cache between two
+    if cached is None:
         if len(_ARANGES) > 64:
             _ARANGES.clear()
-        _ARANGES[key] = torch.arange(size, device=device)
-    return _ARANGES[key]
+        cached = _ARANGES[key] = torch.arange(size, device=device)
+    return cached
 
 
 def sample_rows(x: Tensor, params: RowParams, offset: int) -> tuple[Tensor, Tiles]:

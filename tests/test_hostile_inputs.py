@@ -1,0 +1,103 @@
+"""Regression tests for the hostile-input findings (issue 17), one per numbered item."""
+
+import threading
+
+import pytest
+import torch
+
+import ddiff
+from ddiff._checks import eager
+
+
+def test_sync_checks_is_per_thread():
+    """Item 1: two threads that each turn the checks off, interleaved so that the first restores
+    before the second, used to leave them off for the whole process."""
+    entered, first_left = threading.Barrier(2), threading.Event()
+    seen = {}
+
+    def first():
+        with ddiff.sync_checks(False):
+            entered.wait()
+        first_left.set()
+
+    def second():
+        with ddiff.sync_checks(False):
+            entered.wait()
+            first_left.wait()
+            seen["inside"] = eager()
+        seen["after"] = eager()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"inside": False, "after": True}
+    assert eager()
+    logits = torch.randn(2, 8)
+    logits[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="row 1"):
+        ddiff.sample(logits, seed=0, backend="torch")
+
+
+def test_sync_checks_off_in_a_thread_stays_in_that_thread():
+    started, release = threading.Event(), threading.Event()
+
+    def worker():
+        with ddiff.sync_checks(False):
+            started.set()
+            release.wait()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    started.wait()
+    try:
+        assert eager()  # this thread's checks are untouched while the other has them off
+    finally:
+        release.set()
+        t.join()
+
+
+class _ClearedAfterEveryRead(dict):
+    """A cache that another thread clears right after each read: the worst interleaving."""
+
+    def __contains__(self, key):
+        found = super().__contains__(key)
+        self.clear()
+        return found
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.clear()
+        return value
+
+    def get(self, key, default=None):
+        value = super().get(key, default)
+        self.clear()
+        return value
+
+
+def test_aranged_cache_survives_concurrent_clears(monkeypatch):
+    """Item 18: the cache's check-insert-read was not atomic (a KeyError once in 80k threaded
+    calls): a clear between the check and the read lost the entry."""
+    from ddiff.torch_fast import sampling as fast
+
+    monkeypatch.setattr(fast, "_ARANGES", _ClearedAfterEveryRead())
+    for _ in range(3):
+        assert torch.equal(fast.aranged(5, "cpu"), torch.arange(5))
+        fast._ARANGES[(5, "cpu")] = torch.arange(5)  # present before the next read
+    errors = []
+
+    def hammer(base):
+        try:
+            for i in range(2000):
+                assert fast.aranged(base + i % 97, "cpu").numel() == base + i % 97
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=hammer, args=(b,)) for b in (1, 200, 400)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
