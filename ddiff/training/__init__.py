@@ -12,6 +12,8 @@
   the ``dflash`` recipe.
 * :mod:`ddiff.training.loop`: the accelerate training loop behind ``python -m ddiff.train``, with
   one :class:`~ddiff.training.loop.Recipe` per objective.
+* :mod:`ddiff.training.data`: ``--data`` / ``--tokenizer`` / ``--model`` of the token recipes
+  (your text, packed or truncated, a held-out split; your transformers model made a denoiser).
 """
 
 from ddiff.training.bd3lm import bd3lm_loss  # noqa: F401

@@ -23,9 +23,9 @@ import torch
 
 from ddiff.denoiser import denoiser_logits, logits_of, tiny_denoiser
 from ddiff.training.loop import Recipe, TrainingSetup
-from ddiff.training.token_diffusion import (LANGUAGES, _absorbing_loss, _alpha, _token_times,
-                                            block_diffusion_mask, language_tokenizer, noise_absorbing, sample_times)
-from ddiff.training.token_diffusion_recipes import add_denoiser_arguments, language_batches, saver
+from ddiff.training.token_diffusion import (_absorbing_loss, _alpha, _token_times, block_diffusion_mask,
+                                            noise_absorbing, sample_times)
+from ddiff.training.token_diffusion_recipes import add_denoiser_arguments, saver
 
 Tensor = torch.Tensor
 
@@ -118,25 +118,27 @@ def _bd3lm_arguments(parser) -> None:
 
 def _bd3lm_setup(args, accelerator) -> TrainingSetup:
     from ddiff.pipelines.token_diffusion_scheduler import TokenDiffusionScheduler
+    from ddiff.training.data import build_model, prepare_data
 
-    tokens = LANGUAGES[args.language]
-    vocab_size, mask_id = len(tokens), len(tokens) - 1
+    data = prepare_data(args, accelerator)
+    vocab_size, mask_id = data.vocab_size, data.mask_token_id
     kind = resolve_bd3lm_attention(args.attention, accelerator.device)
     # config.json does not record the attention implementation: the checkpoint loads with the
     # default one, which TokenDiffusionPipeline's 4-D masks need.
     extra = {"attn_implementation": "flex_attention"} if kind == "flex" else {}
-    model = tiny_denoiser(vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                          num_heads=args.num_heads, intermediate_size=args.intermediate_size,
-                          max_positions=max(64, 2 * args.seq_len), attention="block_causal",
-                          block_size=args.block_size, **extra)
+    model = build_model(args, data, lambda: tiny_denoiser(
+        vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
+        intermediate_size=args.intermediate_size, max_positions=max(64, 2 * args.seq_len), attention="block_causal",
+        block_size=args.block_size, **extra), attention="block_causal", block_size=args.block_size, **extra)
     scheduler = TokenDiffusionScheduler(vocab_size=vocab_size, mask_token_id=mask_id, forward_process="absorbing",
                                         alpha_schedule=args.alpha_schedule, eps=args.eps)
     gen = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index + 1)
     kwargs = dict(mask_token_id=mask_id, block_size=args.block_size, attention=kind,
-                  alpha_schedule=args.alpha_schedule, eps=args.eps, t_min=args.t_min, generator=gen)
-    return TrainingSetup(model=model, next_batch=language_batches(args, accelerator),
-                         loss=lambda m, x0: bd3lm_loss(m, x0, **kwargs),
-                         save=saver(language_tokenizer(args.language), scheduler))
+                  alpha_schedule=args.alpha_schedule, eps=args.eps, t_min=args.t_min)
+    return TrainingSetup(model=model, next_batch=data.next_batch,
+                         loss=lambda m, x0: bd3lm_loss(m, x0, generator=gen, **kwargs),
+                         save=saver(data.tokenizer, scheduler), eval_batches=data.eval_batches,
+                         eval_loss=lambda m, x0: bd3lm_loss(m, x0, **kwargs))
 
 
 BD3LM = Recipe("bd3lm", "block diffusion (BD3LM): x_t ⊕ x_0 under the block-diffusion mask, FlexAttention on CUDA",

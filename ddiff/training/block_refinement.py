@@ -21,7 +21,8 @@ example:
   ``conf_temperature`` sharpens the distribution the entropy is measured on.
 
 Differences from the example, on purpose: none in the loss. The data is ddiff's synthetic
-languages rather than wikitext (the tests need checkable outputs), and sequences have no padding.
+languages by default (the tests need checkable outputs); ``--data`` / ``--tokenizer`` / ``--model``
+train on your text and causal LM (:mod:`ddiff.training.data`), padding excluded with ``--no-packing``.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ddiff.denoiser import logits_of
+from ddiff.training.data import add_data_arguments, build_model, prepare_data
 from ddiff.training.loop import Recipe, TrainingSetup
-from ddiff.training.token_diffusion import LANGUAGES, language_tokenizer
-from ddiff.training.token_diffusion_recipes import language_batches
 
 Tensor = torch.Tensor
 
@@ -166,7 +166,8 @@ def causal_lm(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, nu
 def _arguments(parser) -> None:
     parser.add_argument("--language", default="sorted_digits", choices=["sorted_digits", "brackets"],
                         help="synthetic training language")
-    parser.add_argument("--seq_len", type=int, default=16)
+    parser.add_argument("--seq_len", "--max_length", dest="seq_len", type=int, default=16,
+                        help="tokens per training row (synthetic sentences, or --data rows)")
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--num_layers", type=int, default=2)
     parser.add_argument("--num_heads", type=int, default=4)
@@ -176,6 +177,7 @@ def _arguments(parser) -> None:
     parser.add_argument("--lambda_conf", type=float, default=2.0, help="weight of the confidence (entropy) term")
     parser.add_argument("--conf_temperature", type=float, default=0.5,
                         help="temperature of the confidence term only")
+    add_data_arguments(parser)
 
 
 def _setup(args, accelerator) -> TrainingSetup:
@@ -185,20 +187,24 @@ def _setup(args, accelerator) -> TrainingSetup:
         raise ValueError(f"--prompt_length must lie in [0, seq_len={args.seq_len}), got {args.prompt_length}.")
     if args.block_length < 1:
         raise ValueError(f"--block_length must be >= 1, got {args.block_length}.")
-    tokens = LANGUAGES[args.language]
-    vocab_size, mask_id = len(tokens), len(tokens) - 1
-    model = causal_lm(vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
-                      intermediate_size=args.intermediate_size, max_positions=max(64, 2 * args.seq_len))
-    tokenizer = language_tokenizer(args.language)
+    data = prepare_data(args, accelerator, padding_mask=True)
+    vocab_size, mask_id = data.vocab_size, data.mask_token_id
+    model = build_model(args, data, lambda: causal_lm(
+        vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
+        intermediate_size=args.intermediate_size, max_positions=max(64, 2 * args.seq_len)), attention="causal")
+    tokenizer = data.tokenizer
     # How the checkpoint decodes: BlockDiffusionPipeline(attention="causal") commits the most
     # confident predictions of each block first.
     scheduler = BlockDiffusionScheduler(remasking="low_confidence", mask_token_id=mask_id)
     gen = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index + 1)
 
-    def loss(m, x0):
+    def loss(m, batch, generator=gen):
+        # a batch is the ids, or (ids, valid) for padded --no-packing rows (padding is never masked or attended)
+        x0, valid = batch if isinstance(batch, tuple) else (batch, None)
         out = block_refinement_loss(m, x0, mask_token_id=mask_id, prompt_length=args.prompt_length,
                                     block_length=args.block_length, lambda_conf=args.lambda_conf,
-                                    conf_temperature=args.conf_temperature, generator=gen, return_output=True)
+                                    conf_temperature=args.conf_temperature, attention_mask=valid,
+                                    generator=generator, return_output=True)
         return out.loss, {"sft": float(out.loss_sft.detach()), "conf": float(out.loss_conf.detach())}
 
     def save(m, directory):
@@ -206,7 +212,8 @@ def _setup(args, accelerator) -> TrainingSetup:
         tokenizer.save_pretrained(directory)
         scheduler.save_config(directory)
 
-    return TrainingSetup(model=model, next_batch=language_batches(args, accelerator), loss=loss, save=save)
+    return TrainingSetup(model=model, next_batch=data.next_batch, loss=loss, save=save,
+                         eval_batches=data.eval_batches, eval_loss=lambda m, batch: loss(m, batch, generator=None))
 
 
 BLOCK_REFINEMENT = Recipe("block_refinement", "block refinement of a causal LM with the CAP confidence loss "

@@ -41,9 +41,8 @@ import torch
 
 from ddiff.denoiser import denoiser_logits
 from ddiff.training.loop import Recipe, TrainingSetup
-from ddiff.training.token_diffusion import (LANGUAGES, LossOutput, _token_times, alpha_derivative, language_tokenizer,
-                                            sample_times)
-from ddiff.training.token_diffusion_recipes import add_denoiser_arguments, build_denoiser, language_batches, saver
+from ddiff.training.token_diffusion import LossOutput, _token_times, alpha_derivative, sample_times
+from ddiff.training.token_diffusion_recipes import add_denoiser_arguments, build_denoiser, saver
 
 Tensor = torch.Tensor
 
@@ -168,18 +167,21 @@ def _hybrid_arguments(parser) -> None:
 
 def _hybrid_setup(args, accelerator) -> TrainingSetup:
     from ddiff.pipelines.token_diffusion_scheduler import TokenDiffusionScheduler
+    from ddiff.training.data import build_model, prepare_data
 
-    tokens = LANGUAGES[args.language]
-    vocab_size, mask_id = len(tokens), len(tokens) - 1
+    data = prepare_data(args, accelerator)
+    vocab_size, mask_id = data.vocab_size, data.mask_token_id
     scheduler = TokenDiffusionScheduler(vocab_size=vocab_size, mask_token_id=mask_id, forward_process="hybrid",
                                         alpha_schedule=args.alpha_schedule, eps=args.eps,
                                         mask_fraction=args.mask_fraction)
     gen = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index + 1)
     kwargs = dict(vocab_size=vocab_size, mask_token_id=mask_id, mask_fraction=args.mask_fraction,
-                  alpha_schedule=args.alpha_schedule, eps=args.eps, t_min=args.t_min, generator=gen)
-    return TrainingSetup(model=build_denoiser(args, vocab_size), next_batch=language_batches(args, accelerator),
-                         loss=lambda model, x0: hybrid_loss(model, x0, **kwargs),
-                         save=saver(language_tokenizer(args.language), scheduler))
+                  alpha_schedule=args.alpha_schedule, eps=args.eps, t_min=args.t_min)
+    model = build_model(args, data, lambda: build_denoiser(args, vocab_size))
+    return TrainingSetup(model=model, next_batch=data.next_batch,
+                         loss=lambda model, x0: hybrid_loss(model, x0, generator=gen, **kwargs),
+                         save=saver(data.tokenizer, scheduler), eval_batches=data.eval_batches,
+                         eval_loss=lambda model, x0: hybrid_loss(model, x0, **kwargs))
 
 
 HYBRID = Recipe("hybrid", "hybrid-transition diffusion (mask + uniform corruption): its continuous-time NELBO",

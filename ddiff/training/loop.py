@@ -3,8 +3,9 @@
 An objective is a :class:`Recipe`: its command-line arguments and a ``setup`` that builds the
 model, the batches, the loss and the checkpoint writer. The loop owns everything else, the same
 for every recipe: the ``Accelerator`` (mixed precision, gradient accumulation, one or several
-processes), AdamW with warmup + cosine decay, gradient clipping, logging, periodic checkpoints
-(``checkpoint-<step>/``) and the final one in ``--output_dir``, each with ``training_args.json``.
+processes), AdamW with warmup + cosine decay, gradient clipping, logging, the held-out loss
+(``--eval_steps``), periodic checkpoints (``checkpoint-<step>/``) and the final one in
+``--output_dir``, each with ``training_args.json``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ class TrainingSetup:
         save: ``save(unwrapped_model, directory)`` writes a checkpoint (main process only).
         parameters: what the optimizer updates (default: the model's parameters that require grad).
         extra_modules: frozen modules to move to the device (e.g. a target model), not optimised.
+        eval_batches: held-out batches of this process (None: no evaluation). The loop reports
+            ``eval_loss`` (and ``eval_<metric>``) on them every ``--eval_steps`` steps and at the end,
+            the model in eval mode, with the global RNG seeded the same way each time (so the noise is
+            the same at every evaluation) and restored afterwards.
+        eval_loss: ``loss`` for the held-out batches (default ``loss``); it should draw its noise from
+            the global RNG (``generator=None``), which the loop seeds.
     """
 
     model: torch.nn.Module
@@ -41,6 +48,8 @@ class TrainingSetup:
     save: Callable[[torch.nn.Module, str], None]
     parameters: Optional[Iterable[torch.nn.Parameter]] = None
     extra_modules: list = field(default_factory=list)
+    eval_batches: Optional[list] = None
+    eval_loss: Optional[Callable[[torch.nn.Module, Any], Any]] = None
 
 
 @dataclass
@@ -71,6 +80,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_train_steps", type=int, default=2000, help="optimizer steps")
     parser.add_argument("--checkpointing_steps", type=int, default=0, help="save every N steps (0: only at the end)")
     parser.add_argument("--log_every", type=int, default=100)
+    parser.add_argument("--eval_steps", type=int, default=0,
+                        help="held-out loss every N steps (0: only at the end); with --data only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads on CPU (0: default)")
 
@@ -86,13 +97,52 @@ def _lr_lambda(args):
 
 
 def _save(accelerator, setup: TrainingSetup, model, args, directory: str) -> None:
+    """Write a checkpoint atomically (:func:`ddiff.pipelines.loading.atomic_directory`): the recipe's
+    files and ``training_args.json`` go to a temporary directory and move into ``directory``
+    with the config files last, so an interrupted save never leaves a checkpoint that looks
+    valid (for the final model in ``--output_dir``, never new weights beside stale configs)."""
     if not accelerator.is_main_process:
         return
-    os.makedirs(directory, exist_ok=True)
-    setup.save(accelerator.unwrap_model(model), directory)
-    with open(os.path.join(directory, "training_args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
+    from ddiff.pipelines.loading import atomic_directory
+
+    with atomic_directory(directory) as tmp:
+        setup.save(accelerator.unwrap_model(model), tmp)
+        with open(os.path.join(tmp, "training_args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+
+
+def _evaluate(accelerator, setup: TrainingSetup, model, args) -> dict:
+    """Mean loss (and metrics) over every process's held-out batches, weighted by batch size."""
+    loss_fn = setup.eval_loss or setup.loss
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    totals: dict[str, float] = {}
+    count = 0
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(args.seed * 1000 + 999 + accelerator.process_index)
+            for batch in setup.eval_batches:
+                size = (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
+                with accelerator.autocast():
+                    loss, metrics = _split_loss(loss_fn(model, batch))
+                for name, value in {"loss": float(loss), **metrics}.items():
+                    totals[name] = totals.get(name, 0.0) + float(value) * size
+                count += size
+    finally:
+        model.train()
+    names = ["loss"] + sorted(name for name in totals if name != "loss")
+    summed = accelerator.reduce(torch.tensor([totals.get(n, 0.0) for n in names] + [float(count)],
+                                             device=accelerator.device, dtype=torch.float64), reduction="sum")
+    return {f"eval_{n}": float(v) / max(1.0, float(summed[-1])) for n, v in zip(names, summed[:-1])}
+
+
+def _log_eval(accelerator, setup, model, args, step) -> None:
+    if setup.eval_batches is None:
+        return
+    means = _evaluate(accelerator, setup, model, args)
+    accelerator.print(f"eval step {step}/{args.max_train_steps}  "
+                      + "  ".join(f"{name} {value:.4f}" for name, value in means.items()))
 
 
 def _split_loss(result):
@@ -155,9 +205,12 @@ def run(recipe: Recipe, args: argparse.Namespace) -> int:
             accelerator.print(f"step {step}/{args.max_train_steps}  {shown}  lr {lr_scheduler.get_last_lr()[0]:.2e}  "
                               f"{time.time() - started:.1f}s")
             running, count = {}, 0
+        if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps:
+            _log_eval(accelerator, setup, model, args, step)
         if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step < args.max_train_steps:
             accelerator.wait_for_everyone()
             _save(accelerator, setup, model, args, os.path.join(args.output_dir, f"checkpoint-{step}"))
+    _log_eval(accelerator, setup, model, args, step)
     accelerator.wait_for_everyone()
     _save(accelerator, setup, model, args, args.output_dir)
     accelerator.print(f"saved to {args.output_dir} after {step} steps ({time.time() - started:.1f}s)")

@@ -1,4 +1,4 @@
-"""``python -m ddiff.train mdlm | udlm``: token diffusion denoisers on a synthetic language.
+"""``python -m ddiff.train mdlm | udlm``: token diffusion denoisers on a synthetic language or your text.
 
 * ``mdlm``: absorbing diffusion with :func:`ddiff.training.mdlm_loss`; ``--block_size`` trains a
   BD3LM (block-causal denoiser, ``x_t ⊕ x_0`` under :func:`ddiff.training.block_diffusion_mask`).
@@ -8,8 +8,9 @@
 The denoiser is :func:`ddiff.denoiser.tiny_denoiser` (a small Llama made bidirectional or
 block-causal) sized by ``--hidden_size`` / ``--num_layers`` / ``--num_heads``; the data is a
 synthetic language (``--language``, see :data:`ddiff.training.LANGUAGES`), drawn fresh on every
-process (seeded by ``--seed`` and the process index). Checkpoints hold ``model.safetensors`` +
-``config.json`` (transformers), the tokenizer and ``scheduler_config.json``
+process (seeded by ``--seed`` and the process index). ``--data`` / ``--tokenizer`` / ``--model``
+train on your text and start from your model instead (:mod:`ddiff.training.data`). Checkpoints
+hold ``model.safetensors`` + ``config.json`` (transformers), the tokenizer and ``scheduler_config.json``
 (:class:`ddiff.pipelines.TokenDiffusionScheduler`), so ``TokenDiffusionPipeline.from_pretrained(dir)``
 loads them.
 """
@@ -20,6 +21,7 @@ import argparse
 
 import torch
 
+from ddiff.training.data import add_data_arguments
 from ddiff.training.loop import Recipe, TrainingSetup
 
 __all__ = ["MDLM", "UDLM", "add_denoiser_arguments", "build_denoiser", "language_batches"]
@@ -29,7 +31,8 @@ def add_denoiser_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the synthetic-language denoisers (shared by the token diffusion recipes)."""
     parser.add_argument("--language", default="sorted_digits", choices=["sorted_digits", "brackets"],
                         help="synthetic training language")
-    parser.add_argument("--seq_len", type=int, default=16)
+    parser.add_argument("--seq_len", "--max_length", dest="seq_len", type=int, default=16,
+                        help="tokens per training row (synthetic sentences, or --data rows)")
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--num_layers", type=int, default=2)
     parser.add_argument("--num_heads", type=int, default=4)
@@ -37,6 +40,7 @@ def add_denoiser_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha_schedule", default="log_linear", choices=["log_linear", "linear", "cosine", "geometric"])
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--t_min", type=float, default=1e-3, help="smallest training time")
+    add_data_arguments(parser)
 
 
 def build_denoiser(args, vocab_size: int, *, block_size=None):
@@ -69,26 +73,29 @@ def saver(tokenizer, scheduler):
 def _setup(objective: str):
     def setup(args, accelerator) -> TrainingSetup:
         from ddiff.pipelines.token_diffusion_scheduler import TokenDiffusionScheduler
-        from ddiff.training.token_diffusion import LANGUAGES, language_tokenizer, mdlm_loss, udlm_loss
+        from ddiff.training.data import build_model, prepare_data
+        from ddiff.training.token_diffusion import mdlm_loss, udlm_loss
 
-        tokens = LANGUAGES[args.language]
-        vocab_size, mask_id = len(tokens), len(tokens) - 1
+        data = prepare_data(args, accelerator, mask="required" if objective == "mdlm" else "last_or_none")
+        vocab_size, mask_id = data.vocab_size, data.mask_token_id
         block_size = getattr(args, "block_size", None)
-        model = build_denoiser(args, vocab_size, block_size=block_size)
+        model = build_model(args, data, lambda: build_denoiser(args, vocab_size, block_size=block_size),
+                            attention="block_causal" if block_size else "bidirectional", block_size=block_size)
         process = "absorbing" if objective == "mdlm" else "uniform"
         scheduler = TokenDiffusionScheduler(vocab_size=vocab_size, mask_token_id=mask_id, forward_process=process,
                                             alpha_schedule=args.alpha_schedule, eps=args.eps)
         gen = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index + 1)
-        kwargs = dict(alpha_schedule=args.alpha_schedule, eps=args.eps, t_min=args.t_min, generator=gen)
+        kwargs = dict(alpha_schedule=args.alpha_schedule, eps=args.eps, t_min=args.t_min)
         if objective == "mdlm":
             kwargs.update(mask_token_id=mask_id, block_size=block_size)
             loss_fn = mdlm_loss
         else:
             kwargs.update(vocab_size=vocab_size, mask_token_id=mask_id)
             loss_fn = udlm_loss
-        return TrainingSetup(model=model, next_batch=language_batches(args, accelerator),
-                             loss=lambda m, x0: loss_fn(m, x0, **kwargs),
-                             save=saver(language_tokenizer(args.language), scheduler))
+        return TrainingSetup(model=model, next_batch=data.next_batch,
+                             loss=lambda m, x0: loss_fn(m, x0, generator=gen, **kwargs),
+                             save=saver(data.tokenizer, scheduler), eval_batches=data.eval_batches,
+                             eval_loss=lambda m, x0: loss_fn(m, x0, **kwargs))
 
     return setup
 
