@@ -54,7 +54,8 @@ def sync_checks(enabled: bool):
 
 def eager() -> bool:
     """True when checks that read tensor values (a host sync) may run."""
-    return _SYNC_CHECKS.get() and not torch.compiler.is_compiling()
+    # is_compiling first: Dynamo folds it to True and never traces the ContextVar read.
+    return not torch.compiler.is_compiling() and _SYNC_CHECKS.get()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +172,27 @@ def check_logits(logits, name: str = "logits") -> torch.Tensor:
     if rows2d.shape[0] >= MAX_ROWS:
         raise ValueError(f"`{name}` has {rows2d.shape[0]} rows; at most 2^32 - 1 are supported.")
     return rows2d
+
+
+def logits_location(row: int, leading_shape=None) -> str:
+    """Where row ``row`` of logits flattened to ``[R, V]`` lies, for error messages.
+
+    The one formatter of every "logits ... contain NaN" message (ops and pipelines):
+    ``"at batch b, position l"`` for ``[B, L, V]`` logits (``leading_shape == (B, L)``),
+    ``"at index (i, j, k)"`` for more leading dims, ``"row r"`` for ``[R, V]`` / ``[V]`` logits
+    or when the leading shape is unknown.
+    """
+    shape = () if leading_shape is None else tuple(int(d) for d in leading_shape)
+    if len(shape) <= 1:
+        return f"row {row}"
+    index = []
+    for size in reversed(shape):
+        index.append(row % size)
+        row //= size
+    index.reverse()
+    if len(index) == 2:
+        return f"at batch {index[0]}, position {index[1]}"
+    return f"at index {tuple(index)}"
 
 
 def check_per_row_tensor(name: str, value: torch.Tensor, rows: int, device, *, integer: bool,

@@ -123,14 +123,14 @@ def test_predict_tokens_bad_inputs(backend):
         ddiff.predict_tokens(logits, temperature=-1.0, backend=backend)
     bad = logits.clone()
     bad[1, 2, 4] = float("nan")
-    with pytest.raises(ValueError, match="row 5"):
+    with pytest.raises(ValueError, match="at batch 1, position 2 "):
         ddiff.predict_tokens(bad, backend=backend)
     # A NaN at a position that is not predicted is never read.
     mask = torch.ones(2, 3, dtype=torch.bool, device=DEVICE)
     mask[1, 2] = False
     ddiff.predict_tokens(bad, mask, backend=backend)
     all_suppressed = _logits(1, 1, 2)
-    with pytest.raises(ValueError, match="row 0"):
+    with pytest.raises(ValueError, match="at batch 0, position 0 "):
         ddiff.predict_tokens(all_suppressed, suppress_tokens=[0, 1], backend=backend)
 
 
@@ -510,7 +510,7 @@ def test_sync_checks_off_skips_value_checks_and_flags_rows():
         # Python-level checks still run.
         with pytest.raises(ValueError, match="confidence"):
             ddiff.predict_tokens(logits, confidence="nope", backend="torch")
-    with pytest.raises(ValueError, match="row 1"):
+    with pytest.raises(ValueError, match="at batch 0, position 1 "):
         ddiff.predict_tokens(logits, backend="torch")
 
 

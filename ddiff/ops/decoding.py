@@ -15,6 +15,7 @@ from ddiff._params import RngArgs, rng_args, seed_rows
 from ddiff.ops.sampling import (
     _filter_params,
     _filters_active,
+    _locate_invalid_rows,
     _raise_invalid_rows,
     check_top_p_mode,
     flag_invalid_rows,
@@ -306,12 +307,13 @@ def predict_tokens(logits: Tensor, mask: Optional[Tensor] = None, temperature=0.
 
     args = (logits2d, mask_rows, suppress, temp[0], temp[1], k[0], k[1], p[0], p[1], m[0], m[1],
             rng.seed, rng.seed_value, rng.offset, confidence, confidence_from, top_p_mode, conf_suppress, return_argmax)
+    shape = logits.shape[:-1]
     if impl == "torch":
-        tokens, conf, argmax = torch.ops.ddiff.predict_tokens_torch(*args)
+        with _locate_invalid_rows(shape):
+            tokens, conf, argmax = torch.ops.ddiff.predict_tokens_torch(*args)
     else:
         tokens, conf, argmax = torch.ops.ddiff.predict_tokens_triton(*args, _filters_active(k, p, m, vocab))
-        _raise_invalid_rows(torch.isnan(conf))
-    shape = logits.shape[:-1]
+        _raise_invalid_rows(torch.isnan(conf), shape)
     if return_argmax:
         return tokens.view(shape), conf.view(shape), argmax.view(shape)
     return tokens.view(shape), conf.view(shape)
@@ -361,10 +363,11 @@ def mdlm_step(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t, alpha_s,
     args = (logits2d, x_rows, mask_token_id, a_t, a_s, temp[0], temp[1], k[0], k[1], p[0], p[1], m[0], m[1],
             top_p_mode, rng.seed, rng.seed_value, rng.offset)
     if impl == "torch":
-        x_s = torch.ops.ddiff.mdlm_step_torch(*args)
+        with _locate_invalid_rows(logits.shape[:-1]):
+            x_s = torch.ops.ddiff.mdlm_step_torch(*args)
     else:
         x_s, conf = torch.ops.ddiff.mdlm_step_triton(*args)
-        _raise_invalid_rows(torch.isnan(conf))
+        _raise_invalid_rows(torch.isnan(conf), logits.shape[:-1])
     return x_s.view(x_t.shape)
 
 
@@ -399,8 +402,9 @@ def udlm_step(logits: Tensor, x_t: Tensor, alpha_t, alpha_s, *, seed=None, offse
     impl = resolve_backend(backend, logits)
     args = (logits2d, x_rows.contiguous(), a_t, a_s, rng.seed, rng.seed_value, rng.offset)
     if impl == "torch":
-        x_s = torch.ops.ddiff.udlm_step_torch(*args)
+        with _locate_invalid_rows(logits.shape[:-1]):
+            x_s = torch.ops.ddiff.udlm_step_torch(*args)
     else:
         x_s, p_xt = torch.ops.ddiff.udlm_step_triton(*args)
-        _raise_invalid_rows(torch.isnan(p_xt))
+        _raise_invalid_rows(torch.isnan(p_xt), logits.shape[:-1])
     return x_s.view(x_t.shape)

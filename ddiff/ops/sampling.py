@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch.library import custom_op, triton_op
 
 from ddiff._backend import launch_wrapper, resolve_backend
-from ddiff._checks import check_bool, check_choice, check_logits, check_range, eager, row_param
+from ddiff._checks import check_bool, check_choice, check_logits, check_range, eager, logits_location, row_param
 from ddiff._params import rng_args
 from ddiff.reference.sampling import TOP_P_MODES
 from ddiff.torch_fast import sampling as torch_fast
@@ -16,13 +17,37 @@ from ddiff.torch_fast import sampling as torch_fast
 Tensor = torch.Tensor
 
 
-def _raise_invalid_rows(bad: Tensor) -> None:
-    if eager() and bad.numel() and bool(bad.any()):
-        row = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(
-            f"`logits` row {row} contains NaN or +inf (after dividing by the temperature) or is entirely -inf; "
-            "no distribution can be sampled from it."
+class InvalidLogitsError(ValueError):
+    """A row of ``logits`` holds NaN / +inf or is entirely ``-inf``; ``row`` is its flattened index.
+
+    The registered ops see ``[R, V]`` logits only, so they raise with ``leading_shape`` None and
+    :func:`_locate_invalid_rows` (around the op call in the public function) re-raises with the
+    caller's leading dims: ``[B, L, V]`` logits are reported as batch and position.
+    """
+
+    def __init__(self, row: int, leading_shape=None):
+        self.row, self.leading_shape = row, leading_shape
+        super().__init__(
+            f"`logits` {logits_location(row, leading_shape)} contains NaN or +inf (after dividing by the "
+            "temperature) or is entirely -inf; no distribution can be sampled from it."
         )
+
+
+def _raise_invalid_rows(bad: Tensor, leading_shape=None) -> None:
+    """Raise :class:`InvalidLogitsError` for the first True row of ``bad`` (``[R]``), if any."""
+    if eager() and bad.numel() and bool(bad.any()):
+        raise InvalidLogitsError(int(torch.nonzero(bad.reshape(-1))[0, 0]), leading_shape)
+
+
+@contextlib.contextmanager
+def _locate_invalid_rows(leading_shape):
+    """Re-raise an op's :class:`InvalidLogitsError` with the logits' leading dims ``leading_shape``."""
+    try:
+        yield
+    except InvalidLogitsError as error:
+        if error.leading_shape is not None:
+            raise
+        raise InvalidLogitsError(error.row, leading_shape) from None
 
 
 def flag_invalid_rows(bad: Tensor, tokens: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,10 +197,11 @@ def filter_logits(logits: Tensor, top_k=None, top_p=None, min_p=None, *, top_p_m
     top_p_mode = check_top_p_mode(top_p_mode)
     impl = resolve_backend(backend, logits)
     if impl == "torch":
-        out = torch.ops.ddiff.filter_logits_torch(logits2d, k[0], k[1], p[0], p[1], m[0], m[1], top_p_mode)
+        with _locate_invalid_rows(logits.shape[:-1]):
+            out = torch.ops.ddiff.filter_logits_torch(logits2d, k[0], k[1], p[0], p[1], m[0], m[1], top_p_mode)
     else:
         out, bad = torch.ops.ddiff.filter_logits_triton(logits2d, k[0], k[1], p[0], p[1], m[0], m[1], top_p_mode)
-        _raise_invalid_rows(bad.bool())
+        _raise_invalid_rows(bad.bool(), logits.shape[:-1])
     return out.view(logits.shape)
 
 
@@ -236,10 +262,11 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
     args = (logits2d, temp[0], temp[1], k[0], k[1], p[0], p[1], m[0], m[1], rng.seed, rng.seed_value, rng.offset,
             top_p_mode)
     if impl == "torch":
-        tokens, probs = torch.ops.ddiff.sample_torch(*args, return_probs)
+        with _locate_invalid_rows(logits.shape[:-1]):
+            tokens, probs = torch.ops.ddiff.sample_torch(*args, return_probs)
     else:
         tokens, probs = torch.ops.ddiff.sample_triton(*args, _filters_active(k, p, m, vocab))
-        _raise_invalid_rows(tokens < 0)
+        _raise_invalid_rows(tokens < 0, logits.shape[:-1])
     tokens = tokens.view(logits.shape[:-1])
     if return_probs:
         return tokens, probs.view(logits.shape[:-1])

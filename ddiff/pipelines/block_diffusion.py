@@ -89,6 +89,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from ddiff._checks import logits_location
 from ddiff._params import sync_checks
 from ddiff.denoiser import crop_cache, model_logits, new_cache
 from ddiff.pipelines.block_diffusion_scheduler import (BlockDiffusionScheduler, BlockDiffusionSchedulerOutput,
@@ -98,12 +99,14 @@ from ddiff.pipelines.utils import (
     DiscreteDiffusionPipelineOutput,
     ProgressBarMixin,
     check_left_padded,
+    check_token_ids,
     decode_sequences,
     encode_prompts,
     execution_device,
     is_int,
     is_real,
     model_dtype,
+    model_vocab_size,
     run_callback,
     token_id_list,
 )
@@ -263,6 +266,7 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         device=None,
         tokenizer=None,
         model_kwargs: Optional[dict] = None,
+        torch_dtype: Optional[torch.dtype] = None,
         **pipeline_kwargs,
     ) -> "BlockDiffusionPipeline":
         """Load a checkpoint from a local directory (never downloads: ``local_files_only``).
@@ -270,24 +274,26 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         ``preset`` supplies the mask / EOS ids, logits shift, attention kind, mask format, the
         scheduler (Dream's schedule) and the loader class (``AutoModel`` or
         ``AutoModelForCausalLM``); ``trust_remote_code`` defaults to what the family needs.
+        ``dtype`` (``torch_dtype`` is its deprecated name) and ``device`` place the model.
         Further keyword arguments override the preset's pipeline arguments (e.g. ``backend="torch"``).
+        Errors name the path, file or key at fault (see :mod:`ddiff.pipelines.loading`).
         """
-        if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
-            raise ValueError(f"`path` must be a local checkpoint directory (nothing is downloaded), got {path!r}.")
+        from ddiff.pipelines.loading import load_transformers_model, read_json, resolve_checkpoint_dir, resolve_dtype
+
+        dtype = resolve_dtype(dtype, torch_dtype, caller="BlockDiffusionPipeline.from_pretrained")
+        path = resolve_checkpoint_dir(path, "BlockDiffusionPipeline checkpoint (`path`)")
         spec = get_preset(preset) if preset is not None else None
         if trust_remote_code is None:
             trust_remote_code = spec.trust_remote_code if spec is not None else False
         import transformers
 
-        loader = getattr(transformers, spec.model_class if spec is not None else "AutoModelForCausalLM")
-        kwargs = dict(model_kwargs or {})
-        kwargs.update(local_files_only=True, trust_remote_code=trust_remote_code)
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        model = loader.from_pretrained(path, **kwargs).eval()
-        if device is not None:
-            model = model.to(device)
+        model = load_transformers_model(path, loader=spec.model_class if spec is not None else "AutoModelForCausalLM",
+                                        dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                        model_kwargs=model_kwargs, what="BlockDiffusionPipeline checkpoint (`path`)")
         if tokenizer is None:
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                if os.path.exists(os.path.join(path, name)):
+                    read_json(os.path.join(path, name))  # a corrupt tokenizer file is an error, not "no tokenizer"
             try:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(
                     path, local_files_only=True, trust_remote_code=trust_remote_code
@@ -360,11 +366,6 @@ class BlockDiffusionPipeline(ProgressBarMixin):
                     f"`steps_per_block` ({steps_per_block}) cannot exceed `block_length` ({block_length}): "
                     "every step must be able to commit at least one token."
                 )
-        if steps_per_block is None and threshold is None and factor is None:
-            raise ValueError(
-                "no commit rule: give `steps_per_block` (LLaDA's schedule), `threshold` (Fast-dLLM; with "
-                "`steps_per_block` too: SDAR / LLaDA2 dynamic), or `factor` (Fast-dLLM dynamic)."
-            )
         if factor is not None:
             if steps_per_block is not None or threshold is not None:
                 raise ValueError("`factor` (Fast-dLLM's dynamic rule) cannot be combined with `steps_per_block` or "
@@ -426,6 +427,8 @@ class BlockDiffusionPipeline(ProgressBarMixin):
                 mask = torch.ones_like(ids)
         if ids.shape[1]:
             check_left_padded(mask)
+        # padding ids reach the model's embedding too (they are only masked out of attention)
+        check_token_ids("input_ids" if input_ids is not None else "prompt", ids, model_vocab_size(self.model))
         if bool((ids[mask.bool()] == self.mask_token_id).any()):
             raise ValueError("the prompt contains the mask token; it would be decoded as a position to fill.")
         return ids, mask.bool()
@@ -646,7 +649,10 @@ class BlockDiffusionPipeline(ProgressBarMixin):
                 whole answer as one block: ``block_length >= max_new_tokens``.
             steps_per_block: denoising steps per block; the schedule gives each step's count.
                 With ``threshold`` too: SDAR's ``low_confidence_dynamic`` / LLaDA2 (all above
-                the threshold if at least the count passes, else the count's top-k).
+                the threshold if at least the count passes, else the count's top-k). Default,
+                when neither ``threshold`` nor ``factor`` is given (by the call or the
+                scheduler's config): ``block_length``, LLaDA's schedule committing one token
+                per step (as LLaDA's ``generate`` with ``steps == gen_length``).
             temperature, top_k, top_p, min_p: sampling (:func:`ddiff.predict_tokens`); 0 is greedy.
             remasking: ``"low_confidence"`` (probability of the token; Dream ``maskgit_plus``),
                 ``"random"``, ``"margin"`` (top-1 minus top-2: Dream ``topk_margin``),
@@ -707,6 +713,8 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         max_post_steps = config["max_post_steps"] if max_post_steps is None else max_post_steps
         selection_temperature = (config["selection_temperature"] if selection_temperature is None
                                  else selection_temperature)
+        if steps_per_block is None and threshold is None and factor is None:
+            steps_per_block = block_length  # the default commit rule: LLaDA's, one token per step
         self.check_inputs(
             prompt, input_ids, attention_mask, max_new_tokens, block_length, steps_per_block, temperature,
             remasking, confidence_from, threshold, factor, editing_threshold, max_post_steps, cfg_scale,
@@ -765,9 +773,11 @@ class BlockDiffusionPipeline(ProgressBarMixin):
                         break
             finally:
                 bar.close()
-        if bool((run.x == -1).any()):
-            raise ValueError("the model produced logits with NaN or +inf (or an all -inf row after "
-                             "`suppress_tokens`) at a decoded position.")
+        invalid = run.x == -1
+        if bool(invalid.any()):
+            where = logits_location(int(torch.nonzero(invalid.reshape(-1))[0]), invalid.shape)
+            raise ValueError(f"the model's logits predicting the token {where} of the sequence (prompt included) "
+                             "held NaN or +inf (or were all -inf after `suppress_tokens`).")
         return self._outputs(run, eos_ids, max_new_tokens, output_type, block_times, block_steps)
 
     # ------------------------------------------------------------------------------------------

@@ -38,14 +38,17 @@ import torch
 
 from ddiff import ops, sync_checks
 from ddiff._backend import BACKENDS
+from ddiff._checks import logits_location
 from ddiff.pipelines.dflash_model import DFlashDraftModel, check_draft_target, target_features
 from ddiff.pipelines.utils import (
     DiscreteDiffusionPipelineOutput,
     ProgressBarMixin,
+    check_token_ids,
     decode_sequences,
     execution_device,
     is_int,
     is_real,
+    model_vocab_size,
     token_id_list,
 )
 
@@ -163,19 +166,26 @@ class DFlashPipeline(ProgressBarMixin):
 
     @classmethod
     def from_pretrained(cls, draft_path, target_path, *, dtype: Optional[torch.dtype] = None, device=None,
-                        tokenizer=None, backend: str = "auto") -> "DFlashPipeline":
-        """Load a draft and its target from local directories (nothing is downloaded, no remote code)."""
+                        tokenizer=None, backend: str = "auto", torch_dtype: Optional[torch.dtype] = None
+                        ) -> "DFlashPipeline":
+        """Load a draft and its target from local directories (nothing is downloaded, no remote code).
+
+        ``dtype`` (``torch_dtype`` is its deprecated name; default: the stored ones) and ``device``
+        place both models. Both directories are checked (path, JSON, safetensors headers, config
+        against weights) before the target's weights are read; errors name the path, file or key
+        at fault (see :mod:`ddiff.pipelines.loading`)."""
         import transformers
 
-        if not isinstance(target_path, (str, os.PathLike)) or not os.path.isdir(target_path):
-            raise ValueError(f"`target_path` must be a local checkpoint directory, got {target_path!r}.")
-        kwargs = {"local_files_only": True}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        target = transformers.AutoModelForCausalLM.from_pretrained(target_path, **kwargs).eval()
-        if device is not None:
-            target = target.to(device)
-        draft = DFlashDraftModel.from_pretrained(draft_path, dtype=dtype, device=execution_device(target))
+        from ddiff.pipelines.loading import load_transformers_model, resolve_checkpoint_dir, resolve_dtype
+
+        dtype = resolve_dtype(dtype, torch_dtype, caller="DFlashPipeline.from_pretrained")
+        draft_path = resolve_checkpoint_dir(draft_path, "DFlash draft (`draft_path`)")
+        target_path = resolve_checkpoint_dir(target_path, "DFlash target (`target_path`)")
+        draft = DFlashDraftModel.from_pretrained(draft_path, dtype=dtype, device=device)  # small: fails first
+        target = load_transformers_model(target_path, dtype=dtype, device=device,
+                                         what="DFlash target (`target_path`)")
+        if draft.device != execution_device(target):
+            draft = draft.to(execution_device(target))
         if tokenizer is None and has_tokenizer_files(target_path):
             tokenizer = transformers.AutoTokenizer.from_pretrained(target_path, local_files_only=True)
         return cls(draft, target, tokenizer, backend=backend)
@@ -406,6 +416,8 @@ class DFlashPipeline(ProgressBarMixin):
         if temperature > 0 and seed is None:
             seed = int(torch.randint(0, 2**63 - 1, (1,)).item())
         prompt_ids = self.encode_prompt(prompt, input_ids, use_chat_template, enable_thinking, device)
+        check_token_ids("input_ids" if input_ids is not None else "prompt", prompt_ids,
+                        model_vocab_size(self.target_model))
         P = prompt_ids.shape[1]
         context = self._context_length()
         if context is not None and P + max_new_tokens > context:
@@ -431,7 +443,7 @@ class DFlashPipeline(ProgressBarMixin):
                 logits, feats = self._target(prompt_ids, 0, target_cache, hidden=use_draft, last_only=True)
                 nfe_target += 1
                 (first,), pending = self._verify(logits, logits.new_empty(0, dtype=torch.int64), P, **sample_kwargs)
-                self._check_token(first)
+                self._check_token(first, P)
                 generated.append(first)
                 bar.update(1)
                 finished = first in stop_ids
@@ -454,8 +466,8 @@ class DFlashPipeline(ProgressBarMixin):
                     logits, feats = self._target(block[None], start, target_cache, hidden=use_draft)
                     nfe_target += 1
                     new, chosen = self._verify(logits, drafts, start + 1, **sample_kwargs)
-                    for token in new:
-                        self._check_token(token)
+                    for i, token in enumerate(new):
+                        self._check_token(token, start + 1 + i)
                     for i, token in enumerate(new):
                         if token in stop_ids:
                             new, finished = new[:i + 1], True
@@ -493,9 +505,11 @@ class DFlashPipeline(ProgressBarMixin):
         )
 
     @staticmethod
-    def _check_token(token: int) -> None:
+    def _check_token(token: int, position: int) -> None:
+        """``position``: the token's absolute position (prompt included) in the one-row batch."""
         if token < 0:
-            raise ValueError("the target produced logits with NaN or +inf (or an all -inf row) at a decoded position.")
+            raise ValueError(f"the target's logits predicting the token {logits_location(position, (1, position + 1))} "
+                             "of the sequence (prompt included) held NaN or +inf (or were all -inf).")
 
     def _run_callback(self, callback, step: int, committed: int, tensors: dict) -> None:
         out = callback(self, step, committed, dict(tensors))

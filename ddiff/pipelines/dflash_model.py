@@ -491,30 +491,40 @@ class DFlashDraftModel(nn.Module):
 
     # -- checkpoints ----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None) -> "DFlashDraftModel":
+    def from_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None, *,
+                        torch_dtype: Optional[torch.dtype] = None) -> "DFlashDraftModel":
         """Load ``config.json`` + ``model.safetensors`` (or a sharded index) from a local directory.
 
         Keys must match exactly (strict); nothing is downloaded and no remote code runs. ``dtype``
-        defaults to the stored one. The model comes back in eval mode.
+        (``torch_dtype`` is its deprecated name) defaults to the stored one. The model comes back
+        in eval mode. Errors name the path, file or key at fault (see
+        :mod:`ddiff.pipelines.loading`); the weights are checked against the config from the
+        safetensors headers before any tensor is read.
         """
-        from safetensors.torch import load_file
+        from ddiff.pipelines.loading import (_with_context, check_weights_match, checkpoint_weight_shapes,
+                                             load_safetensors, read_json, resolve_checkpoint_dir, resolve_dtype,
+                                             weight_files)
 
-        if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
-            raise ValueError(f"`path` must be a local draft directory (nothing is downloaded), got {path!r}.")
-        with open(os.path.join(path, "config.json")) as f:
-            config = DFlashDraftConfig.from_dict(json.load(f))
-        if os.path.exists(os.path.join(path, _SAFETENSORS)):
-            files = [_SAFETENSORS]
-        elif os.path.exists(os.path.join(path, _SAFETENSORS_INDEX)):
-            with open(os.path.join(path, _SAFETENSORS_INDEX)) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            raise ValueError(f"{path} holds neither {_SAFETENSORS} nor {_SAFETENSORS_INDEX}.")
-        state = {}
-        for name in files:
-            state.update(load_file(os.path.join(path, name)))
+        dtype = resolve_dtype(dtype, torch_dtype, caller="DFlashDraftModel.from_pretrained")
+        path = resolve_checkpoint_dir(path, "DFlash draft (`path`)")
+        config_file = os.path.join(path, "config.json")
+        try:
+            config = DFlashDraftConfig.from_dict(read_json(config_file, what="DFlash draft"))
+        except (TypeError, ValueError, NotImplementedError) as e:
+            if config_file in str(e):
+                raise
+            raise _with_context(e, config_file) from e
+        files = weight_files(path)
+        if not files:
+            raise ValueError(f"{path} holds neither {_SAFETENSORS} nor {_SAFETENSORS_INDEX} (DFlash drafts load "
+                             "safetensors only).")
         with torch.device("meta"):
             model = cls(config)
+        source = files[0] if len(files) == 1 else os.path.join(path, _SAFETENSORS_INDEX)
+        check_weights_match(model, checkpoint_weight_shapes(path), source=source, config_file=config_file)
+        state = {}
+        for file in files:
+            state.update(load_safetensors(file))
         model.load_state_dict(state, strict=True, assign=True)
         if dtype is not None or device is not None:
             model = model.to(device=device, dtype=dtype)
@@ -541,10 +551,15 @@ class DFlashDraftModel(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def save_pretrained(self, directory, dtype: Optional[torch.dtype] = None) -> None:
-        """Write ``config.json`` and ``model.safetensors`` in the z-lab layout (``from_pretrained`` reads it)."""
+        """Write ``config.json`` and ``model.safetensors`` in the z-lab layout (``from_pretrained`` reads it).
+
+        Atomic (:func:`ddiff.pipelines.loading.atomic_directory`): the files are written to a
+        temporary directory and moved in, ``config.json`` last, so an interrupted save never
+        leaves a directory that loads."""
         from safetensors.torch import save_file
 
-        os.makedirs(directory, exist_ok=True)
+        from ddiff.pipelines.loading import atomic_directory
+
         config = self.config.to_dict()
         state = {k: (v if dtype is None else v.to(dtype)).detach().contiguous().cpu()
                  for k, v in self.state_dict().items()}
@@ -552,10 +567,11 @@ class DFlashDraftModel(nn.Module):
         config.pop("torch_dtype", None)
         config.setdefault("architectures", ["DFlashDraftModel"])
         config.setdefault("model_type", "qwen3")
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-        save_file(state, os.path.join(directory, _SAFETENSORS), metadata={"format": "pt"})
+        with atomic_directory(directory) as tmp:
+            save_file(state, os.path.join(tmp, _SAFETENSORS), metadata={"format": "pt"})
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+                f.write("\n")
 
     @classmethod
     def from_target_config(cls, target_config, num_layers: int, *, block_size: int = 16, mask_token_id: int,

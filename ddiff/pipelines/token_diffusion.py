@@ -17,11 +17,13 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ddiff._backend import BACKENDS
+from ddiff._checks import logits_location
 from ddiff._params import sync_checks
 from ddiff.denoiser import attention_pattern, block_causal_mask, crop_cache, denoiser_logits, new_cache
+from ddiff.ops.sampling import InvalidLogitsError
 from ddiff.pipelines.token_diffusion_scheduler import FORWARD_PROCESSES, TokenDiffusionScheduler
-from ddiff.pipelines.utils import (DiscreteDiffusionPipelineOutput, ProgressBarMixin, decode_sequences,
-                                   execution_device, run_callback)
+from ddiff.pipelines.utils import (DiscreteDiffusionPipelineOutput, ProgressBarMixin, check_token_ids,
+                                   decode_sequences, execution_device, model_vocab_size, run_callback)
 
 Tensor = torch.Tensor
 TOP_P_MODES = ("inclusive", "bd3lm")
@@ -55,8 +57,10 @@ class TokenDiffusionPipeline(ProgressBarMixin):
         process: ``"absorbing"``, ``"uniform"`` or ``"hybrid"``; see
             :class:`TokenDiffusionScheduler` for the transitions, their posteriors and what the
             hybrid default (``mask_fraction=0.5``) does differently from absorbing.
-        mask_token_id: defaults to ``tokenizer.mask_token_id``. Required by absorbing / hybrid;
-            for uniform, None or the last id ``vocab_size − 1`` (anything else is rejected).
+        mask_token_id: required by absorbing / hybrid, where it defaults to
+            ``tokenizer.mask_token_id``. For uniform, None (the default, whatever the tokenizer
+            has: no mask token, noise over all ``vocab_size`` ids) or the last id
+            ``vocab_size − 1`` (noise over the others; anything else is rejected).
         alpha_schedule, eps: α(t), see :func:`ddiff.alpha_schedule`.
         backend: ``"auto"`` | ``"torch"`` | ``"triton"``, passed to every ddiff op.
         vocab_size: ids the process works on; defaults to ``len(tokenizer)`` or
@@ -131,13 +135,18 @@ class TokenDiffusionPipeline(ProgressBarMixin):
             raise ValueError(f"`process` must be one of {FORWARD_PROCESSES}, got {process!r}.")
         if backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
-        if mask_token_id is None and tokenizer is not None:
+        if mask_token_id is None and tokenizer is not None and process != "uniform":
+            # uniform: None means no mask token (the tokenizer's is not imposed on the process)
             mask_token_id = getattr(tokenizer, "mask_token_id", None)
         if vocab_size is None:
             vocab_size = len(tokenizer) if tokenizer is not None else getattr(getattr(model, "config", None),
                                                                              "vocab_size", None)
         if vocab_size is None:
             raise ValueError("cannot infer `vocab_size`: pass it, a tokenizer, or a model with config.vocab_size.")
+        embedded = model_vocab_size(model)
+        if embedded is not None and isinstance(vocab_size, numbers.Integral) and vocab_size > embedded:
+            raise ValueError(f"`vocab_size` ({vocab_size}) exceeds the model's vocabulary of {embedded} ids: the "
+                             "process would feed it ids its embedding does not have.")
         self.model = model
         self.tokenizer = tokenizer
         self.backend = backend
@@ -156,22 +165,28 @@ class TokenDiffusionPipeline(ProgressBarMixin):
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], *, backend: str = "auto", device=None,
-                        torch_dtype=None, **overrides) -> "TokenDiffusionPipeline":
-        """Load a checkpoint written by ``python -m ddiff.train``: the model (transformers
-        ``AutoModelForCausalLM``), the tokenizer when present, and ``scheduler_config.json``.
-        ``overrides`` replace scheduler fields (``process``, ``alpha_schedule``, ...)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                        dtype=None, torch_dtype=None, **overrides) -> "TokenDiffusionPipeline":
+        """Load a checkpoint written by ``python -m ddiff.train`` from a local directory: the model
+        (transformers ``AutoModelForCausalLM``), the tokenizer when present, and
+        ``scheduler_config.json``. ``dtype`` (default: the stored one; ``torch_dtype`` is its
+        deprecated name) and ``device`` place the model. ``overrides`` replace scheduler fields
+        (``process``, ``alpha_schedule``, ...). Errors name the path, file or key at fault (see
+        :mod:`ddiff.pipelines.loading`); nothing is downloaded."""
+        from transformers import AutoTokenizer
 
-        path = os.fspath(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": torch_dtype} if torch_dtype else {}))
-        model.eval()
-        if device is not None:
-            model.to(device)
+        from ddiff.pipelines.loading import load_transformers_model, read_json, resolve_checkpoint_dir, resolve_dtype
+
+        dtype = resolve_dtype(dtype, torch_dtype, caller="TokenDiffusionPipeline.from_pretrained")
+        path = resolve_checkpoint_dir(path, "TokenDiffusionPipeline checkpoint")
+        sched = TokenDiffusionScheduler.from_config(path).config  # cheap: config errors before the model loads
+        model = load_transformers_model(path, dtype=dtype, device=device, what="TokenDiffusionPipeline checkpoint")
         tokenizer = None
-        if os.path.exists(os.path.join(path, "tokenizer.json")) or os.path.exists(
-                os.path.join(path, "tokenizer_config.json")):
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        sched = TokenDiffusionScheduler.from_config(path).config
+        tokenizer_files = [os.path.join(path, n) for n in ("tokenizer.json", "tokenizer_config.json")
+                           if os.path.exists(os.path.join(path, n))]
+        if tokenizer_files:
+            for file in tokenizer_files:
+                read_json(file)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         kwargs = dict(process=sched["forward_process"], mask_token_id=sched["mask_token_id"],
                       alpha_schedule=sched["alpha_schedule"], eps=sched["eps"], vocab_size=sched["vocab_size"],
                       mask_fraction=sched["mask_fraction"])
@@ -250,12 +265,14 @@ class TokenDiffusionPipeline(ProgressBarMixin):
                 ids = self._as_ids("infill_ids", infill_ids, batch_size, device)
                 if ids.shape[1] != seq_len:
                     raise ValueError(f"`infill_ids` must have seq_len={seq_len} columns, got {ids.shape[1]}.")
+                self._check_fixed_ids("infill_ids", ids, keep)
                 values = torch.where(keep, ids, values)
                 fixed |= keep
         if prefix_ids is not None:
             prefix = self._as_ids("prefix_ids", prefix_ids, batch_size, device)
             if prefix.shape[1] > seq_len:
                 raise ValueError(f"`prefix_ids` has length {prefix.shape[1]}, longer than seq_len={seq_len}.")
+            self._check_fixed_ids("prefix_ids", prefix)
             values[:, : prefix.shape[1]] = prefix
             fixed[:, : prefix.shape[1]] = True
         if infill_mask is not None:
@@ -267,13 +284,15 @@ class TokenDiffusionPipeline(ProgressBarMixin):
         sched = self.scheduler
         if bool(fixed.any()):
             given = values[fixed]
-            limit = sched.num_uniform_tokens if self.process == "uniform" else sched.vocab_size
-            if bool(((given < 0) | (given >= limit)).any()):
-                raise ValueError(f"fixed tokens (`prefix_ids` / `infill_ids`) must lie in [0, {limit}) for the "
-                                 f"{self.process} process.")
             if sched.mask_token_id is not None and bool((given == sched.mask_token_id).any()):
                 raise ValueError("fixed tokens (`prefix_ids` / `infill_ids`) must not be the mask token.")
         return fixed, values
+
+    def _check_fixed_ids(self, name, ids, where=None):
+        """Fixed tokens lie in the ids the process works on (the uniform noise's range for uniform)."""
+        sched = self.scheduler
+        limit = sched.num_uniform_tokens if self.process == "uniform" else sched.vocab_size
+        check_token_ids(name, ids, limit, where, what=f"the ids of the {self.process} process")
 
     def prepare_latents(self, batch_size, seq_len, fixed, values, seed_value, device) -> Tensor:
         """``x_1``: the scheduler's prior (``sample_prior``, drawn with a generator seeded by the
@@ -407,12 +426,19 @@ class TokenDiffusionPipeline(ProgressBarMixin):
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     block_times.append(time.perf_counter() - started)
+        except InvalidLogitsError as error:  # the ops saw the active window's columns: report sequence positions
+            if error.leading_shape is None or len(error.leading_shape) != 2:
+                raise
+            b, col = divmod(error.row, error.leading_shape[1])
+            raise InvalidLogitsError(b * seq_len + start + col, (batch_size, seq_len)) from None
         finally:
             bar.close()
 
-        if self.process == "absorbing" and bool(((x == sched.mask_token_id) & ~fixed).any()):
-            raise ValueError("positions are still masked after the last step: the model's logits held NaN or +inf "
-                             "(or were entirely -inf outside the mask token).")
+        left = (x == sched.mask_token_id) & ~fixed if self.process == "absorbing" else None
+        if left is not None and bool(left.any()):
+            where = logits_location(int(torch.nonzero(left.reshape(-1))[0]), left.shape)
+            raise ValueError(f"the token {where} is still masked after the last step: the model's logits there held "
+                             "NaN or +inf (or were entirely -inf outside the mask token).")
         texts = decode_sequences(self.tokenizer, x) if output_type == "text" else None
         return TokenDiffusionPipelineOutput(sequences=x, texts=texts, nfe=nfe, steps=step, block_times=block_times)
 

@@ -18,12 +18,14 @@ __all__ = [
     "DiscreteDiffusionPipelineOutput",
     "ProgressBarMixin",
     "check_left_padded",
+    "check_token_ids",
     "decode_sequences",
     "encode_prompts",
     "execution_device",
     "is_int",
     "is_real",
     "model_dtype",
+    "model_vocab_size",
     "run_callback",
     "token_id_list",
 ]
@@ -146,6 +148,44 @@ def model_dtype(model) -> torch.dtype:
         if param.dtype.is_floating_point:
             return param.dtype
     return torch.float32
+
+
+def model_vocab_size(model) -> Optional[int]:
+    """The number of token ids ``model`` embeds: its input embedding's ``num_embeddings``, else
+    ``config.vocab_size`` (of the text config), else None (unknown: ids are not range-checked)."""
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            size = getattr(get(), "num_embeddings", None)
+        except (NotImplementedError, AttributeError, TypeError):
+            size = None
+        if is_int(size):
+            return int(size)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    size = getattr(config, "vocab_size", None)
+    return int(size) if is_int(size) else None
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab: Optional[int], where: Optional[torch.Tensor] = None, *,
+                    what: str = "the model's vocabulary") -> None:
+    """Raise ValueError naming ``name`` unless every id of ``ids`` (where ``where`` is True, if
+    given) lies in ``[0, vocab)`` (``what`` names that range); the message gives the first bad id
+    and its batch / position. ``vocab`` None checks only that ids are >= 0. Reads the values
+    (one host sync)."""
+    bad = ids < 0 if vocab is None else (ids < 0) | (ids >= vocab)
+    if where is not None:
+        bad &= where
+    if not bool(bad.any()):
+        return
+    index = [int(i) for i in torch.nonzero(bad)[0]]
+    if len(index) == 2:
+        at = f" at batch {index[0]}, position {index[1]}"
+    else:
+        at = f" at position {index[0]}" if len(index) == 1 else ""
+    limit = f"{what} [0, {vocab})" if vocab is not None else "the vocabulary (ids are >= 0)"
+    raise ValueError(f"`{name}` holds token id {int(ids[tuple(index)])}{at}, outside {limit}.")
 
 
 def check_left_padded(attention_mask: torch.Tensor) -> None:

@@ -405,10 +405,14 @@ def _setup(args, accelerator) -> TrainingSetup:
     from ddiff.pipelines.dflash import has_tokenizer_files
     from ddiff.pipelines.dflash_model import DFlashDraftModel
 
-    if not os.path.isdir(args.target):
-        raise ValueError(f"--target must be a local directory, got {args.target!r}.")
-    target = transformers.AutoModelForCausalLM.from_pretrained(args.target, local_files_only=True,
-                                                               dtype=_DTYPES[args.target_dtype]).eval()
+    from ddiff.pipelines.loading import load_transformers_model, resolve_checkpoint_dir
+
+    # Both checkpoints are checked (path, JSON, safetensors, config against weights) before the
+    # target's weights are read; errors name the path, file or key at fault.
+    resolve_checkpoint_dir(args.target, "--target")
+    if args.draft is not None:
+        resolve_checkpoint_dir(args.draft, "--draft")
+    target = load_transformers_model(args.target, dtype=_DTYPES[args.target_dtype], what="--target")
     target.requires_grad_(False)
     target.to(accelerator.device)
     tokenizer = None
