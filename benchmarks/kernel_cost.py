@@ -50,6 +50,7 @@ import functools
 import heapq
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import inspect
 import io
@@ -131,8 +132,12 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
         else:
             return None
         if os.path.isdir(base):
-            return importlib.util.spec_from_file_location(name, os.path.join(base, "__init__.py"),
-                                                          submodule_search_locations=[base])
+            init = os.path.join(base, "__init__.py")
+            if not os.path.exists(init):  # kernels/ is a namespace folder (no __init__.py) since issue 16
+                spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+                spec.submodule_search_locations = [base]
+                return spec
+            return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[base])
         if os.path.exists(base + ".py"):
             return importlib.util.spec_from_file_location(name, base + ".py")
         return None
@@ -153,8 +158,9 @@ def use_source(root: Optional[str]) -> str:
     import ddiff.ops
 
     for mod in (ddiff, ddiff.kernels, ddiff.ops):
-        if not os.path.abspath(mod.__file__).startswith(root + os.sep):
-            raise RuntimeError(f"{mod.__name__} was imported from {mod.__file__}, not from {root}")
+        where = list(mod.__spec__.submodule_search_locations or [mod.__file__])[0]
+        if not os.path.abspath(where).startswith(root + os.sep):
+            raise RuntimeError(f"{mod.__name__} was imported from {where}, not from {root}")
     return root
 
 
