@@ -28,7 +28,8 @@ Attention kinds
 
 Batches of prompts with different lengths are left-padded; padding is masked out of attention
 and position ids count from each row's first real token. With ``"bidirectional"`` every row
-decodes exactly as it would alone. With ``"block_causal"`` / ``"causal"`` blocks are aligned to
+decodes exactly as it would alone at temperature 0; with sampling the ops' noise is keyed by the
+row index, so a row other than the first draws other noise than it would alone. With ``"block_causal"`` / ``"causal"`` blocks are aligned to
 the columns of the padded batch, so a padded row's block boundaries move by its padding (its
 tokens can differ from a solo run unless the model was trained with varying block alignment).
 
