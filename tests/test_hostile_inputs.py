@@ -101,3 +101,26 @@ def test_aranged_cache_survives_concurrent_clears(monkeypatch):
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_anchor_attention_torch_ignores_nan_it_must_not_see():
+    """Item 9: a NaN key or value at a position a block must not see left that block's output
+    NaN on the torch backend (dense-mask SDPA: 0 * NaN). The blocks that see it still give NaN."""
+    g = torch.Generator().manual_seed(0)
+    B, H, D, S, bs = 1, 2, 16, 12, 4
+    anchors = torch.tensor([[3, 12]])  # block 0 sees context 0..2, block 1 all of it
+    q = torch.randn(B, H, 2 * bs, D, generator=g, requires_grad=True)
+    k = torch.randn(B, H, S + 2 * bs, D, generator=g)
+    v = torch.randn(B, H, S + 2 * bs, D, generator=g)
+    run = lambda k, v: ddiff.anchor_attention(q, k, v, anchors, context_len=S, block_size=bs,  # noqa: E731
+                                              backend="torch")
+    clean = run(k, v)
+    for name in ("k", "v"):
+        for pos in (7, S + bs + 1):  # context after block 0's anchor; block 1's own noise
+            bad_k, bad_v = k.clone(), v.clone()
+            (bad_k if name == "k" else bad_v)[0, :, pos] = float("nan")
+            out = run(bad_k, bad_v)
+            assert torch.equal(out[0, :, :bs], clean[0, :, :bs]), (name, pos)  # block 0 never sees pos
+            assert torch.isnan(out[0, :, bs:]).all(), (name, pos)  # block 1 sees it
+            (dq,) = torch.autograd.grad(out[0, :, :bs].sum(), q)
+            assert torch.isfinite(dq[0, :, :bs]).all(), (name, pos)  # block 0's queries get finite gradients

@@ -257,8 +257,10 @@ def anchor_attention(
     scale : float, optional
         Softmax scale; default ``D ** -0.5``.
     backend : str
-        ``"torch"``: SDPA with a dense ``[B, 1, N*bs, S + N*bs]`` mask (the reference; small sizes
-        only). ``"flex"``: FlexAttention with :func:`anchor_mask_mod` and a compiled
+        ``"torch"``: one SDPA per (batch row, block) over exactly the keys that block sees (the
+        reference; small sizes only): a NaN / inf key or value a block must not see never reaches
+        it. (The triton kernels skip whole invisible key tiles and mask scores, but a non-finite
+        *value* inside a key tile that a block partly sees still reaches it, as ``0 * NaN``.) ``"flex"``: FlexAttention with :func:`anchor_mask_mod` and a compiled
         ``create_block_mask`` (eager on CPU, where FlexAttention has no backward). ``"triton"``: the
         fused kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``). ``"auto"``: triton on CUDA,
         torch otherwise.

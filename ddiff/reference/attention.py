@@ -18,8 +18,9 @@ A DFlash training step packs ``N`` anchor blocks of one sequence into a single a
 Anchors may be unsorted and may repeat. Every kept query row sees at least its own block, so its
 softmax is always well defined (no NaN, even with an empty context).
 
-This module materialises the dense ``[B, N*block_size, context_len + N*block_size]`` mask, so it is
-meant for small shapes (tests, gradchecks) only.
+:func:`anchor_attention_reference` runs one SDPA per (batch row, block) over the keys that block
+sees; :func:`anchor_attention_explicit` (an independent check) materialises the dense
+``[B, N*block_size, context_len + N*block_size]`` mask. Both are meant for small shapes.
 """
 
 from __future__ import annotations
@@ -66,22 +67,40 @@ def anchor_attention_reference(
     keep: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """SDPA with the dense anchor mask (see the module docstring for the rule).
+    """The rule written literally: one SDPA per (batch row, block) over exactly the keys that block
+    sees, ``[context[:anchor] | own block]`` (see the module docstring).
 
+    Keys and values a block must not see never enter its computation, so a NaN or inf there cannot
+    reach its output (a dense-mask SDPA multiplies them by a zero weight: ``0 * NaN = NaN``).
     ``q``: [B, Hq, N*block_size, D]; ``k``, ``v``: [B, Hkv, context_len + N*block_size, D] with
-    ``Hq % Hkv == 0`` (query head ``h`` reads key/value head ``h // (Hq // Hkv)``). No input checks:
-    :func:`ddiff.ops.anchor_attention` validates before calling this. Differentiable in q, k and v.
+    ``Hq % Hkv == 0`` (query head ``h`` reads key/value head ``h // (Hq // Hkv)``). Reads the anchors
+    on the host (one sync). No input checks: :func:`ddiff.ops.anchor_attention` validates before
+    calling this. Differentiable in q, k and v; dropped blocks (``keep == False``) are exact zeros
+    with no gradient path.
     """
+    B, _, Lq, _ = q.shape
     groups = q.shape[1] // k.shape[1]
-    mask = anchor_attention_mask(anchors, context_len, block_size, None)  # dropped rows stay defined
-    out = F.scaled_dot_product_attention(
-        q, _expand_kv(k, groups), _expand_kv(v, groups), attn_mask=mask[:, None], scale=scale
-    )
-    if keep is not None:
-        row_keep = keep.to(torch.bool)[:, torch.arange(q.shape[2], device=q.device) // block_size]
-        # where (not a multiply) so that the dropped rows' gradients are exactly zero.
-        out = torch.where(row_keep[:, None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return out
+    if B == 0 or Lq == 0:
+        return q.new_zeros(q.shape) + 0 * q  # keeps the autograd graph for empty shapes
+    k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+    blocks = Lq // block_size
+    anchor_rows = anchors.tolist()
+    keep_rows = None if keep is None else keep.to(torch.bool).tolist()
+    rows = []
+    for b in range(B):
+        outs = []
+        for n in range(blocks):
+            q_rows = slice(n * block_size, (n + 1) * block_size)
+            if keep_rows is not None and not keep_rows[b][n]:
+                outs.append(q.new_zeros((1, q.shape[1], block_size, q.shape[3])))
+                continue
+            own = slice(context_len + n * block_size, context_len + (n + 1) * block_size)
+            seen = [slice(0, int(anchor_rows[b][n])), own]
+            kb = torch.cat([k[b:b + 1, :, s] for s in seen], dim=2)
+            vb = torch.cat([v[b:b + 1, :, s] for s in seen], dim=2)
+            outs.append(F.scaled_dot_product_attention(q[b:b + 1, :, q_rows], kb, vb, scale=scale))
+        rows.append(torch.cat(outs, dim=2))
+    return torch.cat(rows, dim=0)
 
 
 def anchor_attention_explicit(
