@@ -173,7 +173,9 @@ def test_gradcheck_torch_path_float64():
 def test_auto_is_torch_on_cpu_and_int32_anchors():
     c = _case_tensors("sorted_gqa", torch.float32, "cpu")
     kw = dict(context_len=c["S"], block_size=c["bs"])
-    want = anchor_attention_reference(c["q"], c["k"], c["v"], c["anchors"], **kw)
+    from ddiff.reference.attention import anchor_attention_dense
+
+    want = anchor_attention_dense(c["q"], c["k"], c["v"], c["anchors"], **kw)  # finite k, v: the dense path
     assert torch.equal(anchor_attention(c["q"], c["k"], c["v"], c["anchors"], **kw), want)
     assert torch.equal(anchor_attention(c["q"], c["k"], c["v"], c["anchors"].int(), backend="torch", **kw), want)
 
@@ -410,3 +412,18 @@ def test_cuda_torch_compile():
     compiled = _fwd_bwd(torch.compile(fn), c["q"], c["k"], c["v"], c["do"])
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_dense_path_equals_the_per_block_reference():
+    """The torch backend's dense-mask fast path (finite keys and values) is the reference's rule."""
+    from ddiff.reference.attention import anchor_attention_dense
+
+    for name in ("sorted_gqa", "keep_mqa_bs16", "empty_context", "all_dropped"):
+        c = _case_tensors(name, torch.float64, "cpu")
+        kw = dict(context_len=c["S"], block_size=c["bs"], keep=c["keep"])
+        a = _fwd_bwd(lambda q, k, v: anchor_attention_reference(q, k, v, c["anchors"], **kw), *(
+            c[n] for n in ("q", "k", "v", "do")))
+        b = _fwd_bwd(lambda q, k, v: anchor_attention_dense(q, k, v, c["anchors"], **kw), *(
+            c[n] for n in ("q", "k", "v", "do")))
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-10)

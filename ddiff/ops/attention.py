@@ -9,7 +9,7 @@ import torch
 
 from ddiff._backend import launch_wrapper, resolve_backend
 from ddiff._checks import check_dim, check_int, check_real, check_tensor, eager, is_integer_dtype
-from ddiff.reference.attention import anchor_attention_reference
+from ddiff.reference.attention import anchor_attention_dense, anchor_attention_reference
 from ddiff.reference.attention import anchor_mask_mod as _anchor_mask_mod_ref
 
 Tensor = torch.Tensor
@@ -257,9 +257,10 @@ def anchor_attention(
     scale : float, optional
         Softmax scale; default ``D ** -0.5``.
     backend : str
-        ``"torch"``: one SDPA per (batch row, block) over exactly the keys that block sees (the
-        reference; small sizes only): a NaN / inf key or value a block must not see never reaches
-        it. (The triton kernels skip whole invisible key tiles and mask scores, but a non-finite
+        ``"torch"``: SDPA with the dense ``[B, 1, N*bs, S + N*bs]`` mask while every key and
+        value is finite (one host check), else the reference, one SDPA per (batch row, block)
+        over exactly the keys that block sees: a NaN / inf key or value a block must not see never
+        reaches it. Small sizes only. (The triton kernels skip whole invisible key tiles and mask scores, but a non-finite
         *value* inside a key tile that a block partly sees still reaches it, as ``0 * NaN``.) ``"flex"``: FlexAttention with :func:`anchor_mask_mod` and a compiled
         ``create_block_mask`` (eager on CPU, where FlexAttention has no backward). ``"triton"``: the
         fused kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``). ``"auto"``: triton on CUDA,
@@ -294,8 +295,11 @@ def anchor_attention(
         return triton_anchor_attention(q, k, v, anchors, keep, context_len, block_size, scale)
     if backend == "flex":
         return _flex_anchor_attention(q, k, v, anchors, keep, context_len, block_size, scale)
-    return anchor_attention_reference(q, k, v, anchors, context_len=context_len, block_size=block_size,
-                                      keep=keep, scale=scale)
+    # The dense mask is exact while every key and value is finite (one check, then one SDPA);
+    # otherwise the per-block reference keeps what a block must not see out of it.
+    finite = bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())
+    torch_path = anchor_attention_dense if finite else anchor_attention_reference
+    return torch_path(q, k, v, anchors, context_len=context_len, block_size=block_size, keep=keep, scale=scale)
 
 
 def anchor_mask_mod(anchors: Tensor, context_len: int, block_size: int, keep: Optional[Tensor] = None):

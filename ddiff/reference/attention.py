@@ -76,13 +76,12 @@ def anchor_attention_reference(
     ``Hq % Hkv == 0`` (query head ``h`` reads key/value head ``h // (Hq // Hkv)``). Reads the anchors
     on the host (one sync). No input checks: :func:`ddiff.ops.anchor_attention` validates before
     calling this. Differentiable in q, k and v; dropped blocks (``keep == False``) are exact zeros
-    with no gradient path.
+    with exactly zero gradients.
     """
     B, _, Lq, _ = q.shape
-    groups = q.shape[1] // k.shape[1]
+    k, v = _expand_kv(k, q.shape[1] // k.shape[1]), _expand_kv(v, q.shape[1] // k.shape[1])
     if B == 0 or Lq == 0:
-        return q.new_zeros(q.shape) + 0 * q  # keeps the autograd graph for empty shapes
-    k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)  # empty, with the autograd graph
     blocks = Lq // block_size
     anchor_rows = anchors.tolist()
     keep_rows = None if keep is None else keep.to(torch.bool).tolist()
@@ -91,16 +90,44 @@ def anchor_attention_reference(
         outs = []
         for n in range(blocks):
             q_rows = slice(n * block_size, (n + 1) * block_size)
-            if keep_rows is not None and not keep_rows[b][n]:
-                outs.append(q.new_zeros((1, q.shape[1], block_size, q.shape[3])))
-                continue
             own = slice(context_len + n * block_size, context_len + (n + 1) * block_size)
             seen = [slice(0, int(anchor_rows[b][n])), own]
             kb = torch.cat([k[b:b + 1, :, s] for s in seen], dim=2)
             vb = torch.cat([v[b:b + 1, :, s] for s in seen], dim=2)
-            outs.append(F.scaled_dot_product_attention(q[b:b + 1, :, q_rows], kb, vb, scale=scale))
+            out = F.scaled_dot_product_attention(q[b:b + 1, :, q_rows], kb, vb, scale=scale)
+            if keep_rows is not None and not keep_rows[b][n]:
+                # where, not a multiply: exact zeros and zero gradients, with every input still in
+                # the graph (a step whose blocks are all dropped still reaches every parameter).
+                out = torch.where(torch.zeros((), dtype=torch.bool, device=out.device), out, torch.zeros_like(out))
+            outs.append(out)
         rows.append(torch.cat(outs, dim=2))
     return torch.cat(rows, dim=0)
+
+
+def anchor_attention_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    anchors: torch.Tensor,
+    *,
+    context_len: int,
+    block_size: int,
+    keep: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One SDPA with the dense anchor mask: equal to :func:`anchor_attention_reference` when every
+    key and value is finite (a non-finite one a block must not see still reaches it as
+    ``0 * NaN``), and faster for many blocks. Same arguments."""
+    groups = q.shape[1] // k.shape[1]
+    mask = anchor_attention_mask(anchors, context_len, block_size, None)  # dropped rows stay defined
+    out = F.scaled_dot_product_attention(
+        q, _expand_kv(k, groups), _expand_kv(v, groups), attn_mask=mask[:, None], scale=scale
+    )
+    if keep is not None:
+        row_keep = keep.to(torch.bool)[:, torch.arange(q.shape[2], device=q.device) // block_size]
+        # where (not a multiply) so that the dropped rows' gradients are exactly zero.
+        out = torch.where(row_keep[:, None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
 
 
 def anchor_attention_explicit(
