@@ -97,7 +97,7 @@ def main(argv=None) -> int:
            "--data", prompts, "--regenerate_max_new_tokens", str(NEW_TOKENS), "--num_anchors", "32",
            "--attention_backend", "torch", "--batch_size", "8", "--learning_rate", "3e-3", "--warmup_steps", "50",
            "--max_train_steps", str(args.max_train_steps), "--log_every", "100", "--torch_threads", "1",
-           "--output_dir", draft_dir]
+           "--output_dir", draft_dir, "--overwrite_output_dir"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     result = evaluate(target_dir, draft_dir, prompts)

@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     os.chdir(ROOT)
     for name in args.only:
         out = os.path.join(args.out, f"tiny_token_{name}")
-        cmd = [sys.executable, "-m", "ddiff.train", *MODELS[name], "--output_dir", out, *COMMON,
+        cmd = [sys.executable, "-m", "ddiff.train", *MODELS[name], "--output_dir", out, "--overwrite_output_dir",
+               *COMMON,
                "--max_train_steps", str(args.max_train_steps)]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)

@@ -34,6 +34,7 @@ Loading never runs remote code: the architecture is this module's.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -86,6 +87,32 @@ def _int(cfg: Mapping, key: str, default=None, minimum: int = 1) -> int:
     return int(value)
 
 
+def _bool(cfg: Mapping, key: str) -> bool:
+    """A boolean field (absent or null: False); a string such as ``"false"`` is a ``TypeError``
+    naming the field, never truthy."""
+    value = cfg.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise TypeError(f"the DFlash config's `{key}` must be true or false (a JSON boolean), got {value!r}.")
+    return value
+
+
+def _real(cfg: Mapping, key: str, default: float, *, positive: bool) -> float:
+    """A finite number field: ``TypeError`` naming it for a non-number (a string, a bool),
+    ``ValueError`` for NaN / inf, a negative value, or 0 when ``positive``."""
+    value = cfg.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"the DFlash config's `{key}` must be a number, got {value!r}.")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"the DFlash config's `{key}` must be a finite {'positive' if positive else 'non-negative'} "
+                         f"number, got {value!r}.")
+    return value
+
+
 def _rope_theta(cfg: Mapping) -> float:
     """The RoPE base from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling``."""
     params = cfg.get("rope_parameters")
@@ -115,6 +142,13 @@ class DFlashDraftConfig:
     and raises ``ValueError`` on inconsistent values and ``NotImplementedError`` on features this
     implementation does not have (sliding-window or other non-``full_attention`` layers, RoPE
     scaling, an activation other than SiLU, unknown ``dflash_config`` options).
+
+    Every field is checked by type and named in the error: integer fields must be JSON integers
+    (``TypeError`` otherwise); ``attention_bias`` and ``use_sliding_window`` must be JSON booleans
+    or null (a string such as ``"false"`` is a ``TypeError``, never truthy); ``rms_norm_eps``
+    (positive) and ``initializer_range`` (non-negative) must be finite numbers (``TypeError`` for a
+    string, ``ValueError`` for NaN, inf or a value out of range; null means the default);
+    ``layer_types`` and ``dflash_config.target_layer_ids`` must be lists.
     """
 
     hidden_size: int
@@ -166,6 +200,8 @@ class DFlashDraftConfig:
 
         layer_types = cfg.get("layer_types")
         if layer_types is not None:
+            if not isinstance(layer_types, (list, tuple)) or not all(isinstance(t, str) for t in layer_types):
+                raise TypeError(f"the DFlash config's `layer_types` must be a list of strings, got {layer_types!r}.")
             layer_types = list(layer_types)
             if len(layer_types) != layers:
                 raise ValueError(f"`layer_types` has {len(layer_types)} entries but `num_hidden_layers` is {layers}.")
@@ -173,7 +209,7 @@ class DFlashDraftConfig:
             if other:
                 raise NotImplementedError(f"DFlash draft layers of type {other} are not supported "
                                           "(only 'full_attention').")
-        if cfg.get("use_sliding_window"):
+        if _bool(cfg, "use_sliding_window"):
             raise NotImplementedError("DFlash drafts with `use_sliding_window=true` are not supported "
                                       "(only 'full_attention' layers).")
         act = cfg.get("hidden_act", "silu")
@@ -195,6 +231,9 @@ class DFlashDraftConfig:
             raise ValueError(f"`dflash_config.mask_token_id` {mask_id} is outside the vocabulary of {vocab}.")
 
         ids = dflash.get("target_layer_ids")
+        if ids is not None and not isinstance(ids, (list, tuple)):
+            raise TypeError(f"the DFlash config's `dflash_config.target_layer_ids` must be a list of ints, "
+                            f"got {ids!r}.")
         ids = build_target_layer_ids(num_target, layers) if ids is None else list(ids)
         if not ids:
             raise ValueError("`dflash_config.target_layer_ids` is empty.")
@@ -204,10 +243,9 @@ class DFlashDraftConfig:
                     f"target layer id {i!r} must be an int in [0, num_target_layers - 2 = {num_target - 2}]: feature "
                     f"i is hidden_states[i + 1], and the last hidden state is after the final norm."
                 )
-        eps = cfg.get("rms_norm_eps", 1e-6)
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
-            raise ValueError(f"`rms_norm_eps` must be a positive number, got {eps!r}.")
-        init = cfg.get("initializer_range", 0.02)
+        eps = _real(cfg, "rms_norm_eps", 1e-6, positive=True)
+        init = _real(cfg, "initializer_range", 0.02, positive=False)
+        attention_bias = _bool(cfg, "attention_bias")
         raw = dict(cfg)
         raw["block_size"] = block
         raw["dflash_config"] = {**dict(dflash), "mask_token_id": mask_id, "target_layer_ids": [int(i) for i in ids]}
@@ -216,7 +254,7 @@ class DFlashDraftConfig:
                    num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=intermediate,
                    num_target_layers=num_target, target_layer_ids=tuple(int(i) for i in ids), block_size=block,
                    mask_token_id=mask_id, vocab_size=vocab, rms_norm_eps=float(eps), rope_theta=_rope_theta(cfg),
-                   attention_bias=bool(cfg.get("attention_bias", False)), initializer_range=float(init), raw=raw)
+                   attention_bias=attention_bias, initializer_range=init, raw=raw)
 
     def to_dict(self) -> dict:
         """The z-lab ``config.json`` (original keys kept, ``block_size`` at the top level)."""
@@ -495,15 +533,18 @@ class DFlashDraftModel(nn.Module):
                         torch_dtype: Optional[torch.dtype] = None) -> "DFlashDraftModel":
         """Load ``config.json`` + ``model.safetensors`` (or a sharded index) from a local directory.
 
-        Keys must match exactly (strict); nothing is downloaded and no remote code runs. ``dtype``
+        Keys must match exactly (strict); a sharded checkpoint's tensors are each read from the file
+        its ``model.safetensors.index.json`` maps them to, and no shard name may leave the directory
+        (:func:`ddiff.pipelines.loading.load_checkpoint_weights`); nothing is downloaded and no
+        remote code runs. ``dtype``
         (``torch_dtype`` is its deprecated name) defaults to the stored one. The model comes back
         in eval mode. Errors name the path, file or key at fault (see
         :mod:`ddiff.pipelines.loading`); the weights are checked against the config from the
         safetensors headers before any tensor is read.
         """
         from ddiff.pipelines.loading import (_with_context, check_weights_match, checkpoint_weight_shapes,
-                                             load_safetensors, read_json, resolve_checkpoint_dir, resolve_dtype,
-                                             weight_files)
+                                             load_checkpoint_weights, read_json, resolve_checkpoint_dir,
+                                             resolve_dtype, weight_files)
 
         dtype = resolve_dtype(dtype, torch_dtype, caller="DFlashDraftModel.from_pretrained")
         path = resolve_checkpoint_dir(path, "DFlash draft (`path`)")
@@ -522,9 +563,8 @@ class DFlashDraftModel(nn.Module):
             model = cls(config)
         source = files[0] if len(files) == 1 else os.path.join(path, _SAFETENSORS_INDEX)
         check_weights_match(model, checkpoint_weight_shapes(path), source=source, config_file=config_file)
-        state = {}
-        for file in files:
-            state.update(load_safetensors(file))
+        # sharded: each tensor from the file the index maps it to (never whole files merged)
+        state = load_checkpoint_weights(path)
         model.load_state_dict(state, strict=True, assign=True)
         if dtype is not None or device is not None:
             model = model.to(device=device, dtype=dtype)

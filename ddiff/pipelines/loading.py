@@ -13,6 +13,13 @@ Every ddiff loader (``TokenDiffusionPipeline.from_pretrained``,
 * :func:`safetensors_header` / :func:`load_safetensors`: a truncated or corrupt safetensors file
   raises ``ValueError`` naming the file. The header is read and validated by hand (8-byte length,
   JSON, data offsets against the file size), so the check reads no tensor data.
+* :func:`read_weight_map` / :func:`load_checkpoint_weights`: a sharded checkpoint loads each tensor
+  from the file its ``model.safetensors.index.json`` maps it to (never whole shard files merged,
+  where the last file would win); shard names must be plain file names (``ValueError`` for
+  ``"../other/model.safetensors"``, absolute paths, subdirectories, ``".."``), so nothing is read
+  from outside the checkpoint directory. The transformers loaders merge whole shard files, so
+  :func:`check_transformers_checkpoint` refuses a shard holding a tensor the index maps to another
+  file (or to none). A weights path that is a directory raises ``ValueError`` naming it.
 * :func:`check_weights_match`: before a model is built for real, its layout (instantiated on the
   ``meta`` device: names and shapes, no memory) is compared with the safetensors headers, so a
   config that does not describe its weights (e.g. a ``config.json`` of only
@@ -48,9 +55,11 @@ __all__ = [
     "check_transformers_checkpoint",
     "check_weights_match",
     "checkpoint_weight_shapes",
+    "load_checkpoint_weights",
     "load_safetensors",
     "load_transformers_model",
     "read_json",
+    "read_weight_map",
     "resolve_checkpoint_dir",
     "resolve_dtype",
     "safetensors_header",
@@ -265,24 +274,51 @@ def load_safetensors(path: PathLike, device: Union[str, torch.device] = "cpu") -
         raise ValueError(f"{path} could not be read as safetensors: {e}") from e
 
 
+def _shard_name(index: str, shard) -> str:
+    """``shard`` checked to be a plain file name inside the checkpoint directory."""
+    if not isinstance(shard, str) or not shard or shard in (".", "..") or "\0" in shard \
+            or os.path.basename(shard) != shard or os.path.isabs(shard):
+        raise ValueError(f"{index}: shard file names must be plain file names inside the checkpoint directory "
+                         f"(no directories, no '..', not absolute), got {shard!r}: it would leave the checkpoint "
+                         f"directory.")
+    return shard
+
+
+def read_weight_map(directory: str) -> dict[str, str]:
+    """``{tensor name: shard file name}`` of ``directory``'s ``model.safetensors.index.json``, checked:
+    the index needs a ``weight_map`` object (``ValueError`` naming the index otherwise), and
+    every shard name must be a plain file name, so that no tensor is read from outside the
+    checkpoint directory (``"../other/model.safetensors"``, ``"/abs/x"``, ``"sub/x"``, ``".."`` are
+    refused with a ``ValueError`` naming the index and the name)."""
+    index = os.path.join(directory, SAFETENSORS_INDEX)
+    weight_map = read_json(index, required=("weight_map",))["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: `weight_map` must be a non-empty object of tensor name -> shard file.")
+    return {key: _shard_name(index, shard) for key, shard in weight_map.items()}
+
+
+def _not_a_directory(path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory, not a file: a checkpoint's weights must be files.")
+
+
 def weight_files(directory: str, *, required: bool = True) -> list[str]:
     """The safetensors files of a checkpoint directory: ``model.safetensors``, or the shards of
-    ``model.safetensors.index.json`` (each checked to exist and to hold the tensors the index
-    maps to it). Returns ``[]`` when the directory holds only ``pytorch_model.bin`` weights (or,
-    with ``required=False``, no weights at all); otherwise a missing weights file raises
-    :class:`CheckpointNotFoundError` naming the directory."""
+    ``model.safetensors.index.json`` (names checked by :func:`read_weight_map`, each checked to
+    exist). Returns ``[]`` when the directory holds only ``pytorch_model.bin`` weights (or, with
+    ``required=False``, no weights at all); otherwise a missing weights file raises
+    :class:`CheckpointNotFoundError` naming the directory, and a weights path that is a directory
+    raises ``ValueError`` naming it."""
     single, index = os.path.join(directory, SAFETENSORS), os.path.join(directory, SAFETENSORS_INDEX)
+    _not_a_directory(single)
     if os.path.isfile(single):
         return [single]
+    _not_a_directory(index)
     if os.path.isfile(index):
-        weight_map = read_json(index, required=("weight_map",))["weight_map"]
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: `weight_map` must be a non-empty object of tensor name -> shard file.")
         files = []
-        for shard in sorted(set(weight_map.values())):
-            if not isinstance(shard, str) or os.path.basename(shard) != shard:
-                raise ValueError(f"{index}: shard file names must be plain file names, got {shard!r}.")
+        for shard in sorted(set(read_weight_map(directory).values())):
             shard_path = os.path.join(directory, shard)
+            _not_a_directory(shard_path)
             if not os.path.isfile(shard_path):
                 raise CheckpointNotFoundError(f"{shard_path!r} does not exist: {index} maps tensors to it.")
             files.append(shard_path)
@@ -293,25 +329,77 @@ def weight_files(directory: str, *, required: bool = True) -> list[str]:
                                   "no weights to load.")
 
 
-def checkpoint_weight_shapes(directory: str, *, required: bool = True) -> Optional[dict[str, tuple]]:
+def _sharded(directory: str, files: list[str]) -> bool:
+    return files != [os.path.join(directory, SAFETENSORS)]
+
+
+def checkpoint_weight_shapes(directory: str, *, required: bool = True,
+                             exclusive_shards: bool = False) -> Optional[dict[str, tuple]]:
     """``{tensor name: shape}`` of a checkpoint directory's safetensors weights, from the headers
     only (every file validated by :func:`safetensors_header`); ``None`` when it has no safetensors
-    weights (``pytorch_model.bin``), which cannot be inspected without loading them."""
+    weights (``pytorch_model.bin``), which cannot be inspected without loading them.
+
+    Sharded: exactly the tensors of the index's ``weight_map``, each with its shape **in the file
+    the index maps it to** (a file lacking a tensor mapped to it raises ``ValueError``). With
+    ``exclusive_shards`` (the transformers loaders, which merge whole shard files so that the
+    last file would win) a shard holding a tensor the index maps to another file, or to none, is
+    refused with a ``ValueError`` naming the tensor and the files."""
     files = weight_files(directory, required=required)
     if not files:
         return None
-    shapes: dict[str, tuple] = {}
+    if not _sharded(directory, files):
+        return {k: tuple(v["shape"]) for k, v in safetensors_header(files[0]).items()}
     index = os.path.join(directory, SAFETENSORS_INDEX)
-    weight_map = None if files == [os.path.join(directory, SAFETENSORS)] else read_json(index)["weight_map"]
-    for file in files:
-        header = safetensors_header(file)
-        if weight_map is not None:
-            name = os.path.basename(file)
-            absent = [k for k, v in weight_map.items() if v == name and k not in header]
-            if absent:
-                raise ValueError(f"{file} lacks tensors that {index} maps to it: {absent[:4]}.")
-        shapes.update({k: tuple(v["shape"]) for k, v in header.items()})
+    weight_map = read_weight_map(directory)
+    headers = {os.path.basename(file): safetensors_header(file) for file in files}
+    shapes: dict[str, tuple] = {}
+    for name, header in headers.items():
+        absent = [k for k, v in weight_map.items() if v == name and k not in header]
+        if absent:
+            raise ValueError(f"{os.path.join(directory, name)} lacks tensors that {index} maps to it: {absent[:4]}.")
+        if exclusive_shards:
+            stray = [k for k in header if weight_map.get(k) != name]
+            if stray:
+                k = stray[0]
+                where = f"to {weight_map[k]!r}" if k in weight_map else "to no file"
+                raise ValueError(f"{os.path.join(directory, name)} holds tensor {k!r} that {index} maps {where} "
+                                 f"({len(stray)} such tensor(s)): transformers merges whole shard files, so the copy "
+                                 f"that loads would depend on the file order; each tensor must sit only in the "
+                                 f"shard the index names.")
+    for key, name in weight_map.items():
+        shapes[key] = tuple(headers[name][key]["shape"])
     return shapes
+
+
+def load_checkpoint_weights(directory: str, device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
+    """The safetensors weights of a checkpoint directory as a state dict.
+
+    ``model.safetensors``: every tensor (:func:`load_safetensors`). Sharded: each tensor of the
+    index's ``weight_map`` is read **from the file the index maps it to** (never whole files
+    merged, where the last file would win); tensors a shard holds under names the index maps
+    elsewhere, or not at all, are not read. Shard names are checked by :func:`read_weight_map`
+    (none may leave the directory) and every file by :func:`safetensors_header` first."""
+    from safetensors import safe_open
+
+    files = weight_files(directory)
+    if not files:
+        raise CheckpointNotFoundError(f"{directory!r} holds neither {SAFETENSORS} nor {SAFETENSORS_INDEX}.")
+    if not _sharded(directory, files):
+        return load_safetensors(files[0], device=device)
+    checkpoint_weight_shapes(directory)  # headers valid, every mapped tensor present
+    by_file: dict[str, list[str]] = {}
+    for key, name in read_weight_map(directory).items():
+        by_file.setdefault(name, []).append(key)
+    state: dict[str, torch.Tensor] = {}
+    for name, keys in sorted(by_file.items()):
+        path = os.path.join(directory, name)
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                for key in keys:
+                    state[key] = f.get_tensor(key)
+        except Exception as e:  # SafetensorError and friends do not name the file
+            raise ValueError(f"{path} could not be read as safetensors: {e}") from e
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +512,7 @@ def check_transformers_checkpoint(path: str, *, loader="AutoModelForCausalLM", t
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, TypeError) as e:
         raise _with_context(e, config_file) from e
-    shapes = checkpoint_weight_shapes(path)
+    shapes = checkpoint_weight_shapes(path, exclusive_shards=True)
     if shapes is None or raw.get("quantization_config") is not None:
         return config
     loader_cls = _transformers_loader(loader)

@@ -138,7 +138,7 @@ def _bd3lm_setup(args, accelerator) -> TrainingSetup:
     return TrainingSetup(model=model, next_batch=data.next_batch,
                          loss=lambda m, x0: bd3lm_loss(m, x0, generator=gen, **kwargs),
                          save=saver(data.tokenizer, scheduler), eval_batches=data.eval_batches,
-                         eval_loss=lambda m, x0: bd3lm_loss(m, x0, **kwargs))
+                         eval_loss=lambda m, x0: bd3lm_loss(m, x0, **kwargs), generators={"noise": gen})
 
 
 BD3LM = Recipe("bd3lm", "block diffusion (BD3LM): x_t ⊕ x_0 under the block-diffusion mask, FlexAttention on CUDA",

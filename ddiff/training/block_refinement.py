@@ -213,7 +213,8 @@ def _setup(args, accelerator) -> TrainingSetup:
         scheduler.save_config(directory)
 
     return TrainingSetup(model=model, next_batch=data.next_batch, loss=loss, save=save,
-                         eval_batches=data.eval_batches, eval_loss=lambda m, batch: loss(m, batch, generator=None))
+                         eval_batches=data.eval_batches, eval_loss=lambda m, batch: loss(m, batch, generator=None),
+                         generators={"noise": gen})
 
 
 BLOCK_REFINEMENT = Recipe("block_refinement", "block refinement of a causal LM with the CAP confidence loss "

@@ -313,7 +313,9 @@ def load_text_data(args, *, mask: str = "required") -> TextData:
 
 class _RowBatches:
     """Endless ``batch_size`` draws from ``rows``: one shuffled pass after another (the same
-    permutation on every process, each process taking its own share)."""
+    permutation on every process, each process taking its own share). ``state_dict()`` /
+    ``load_state_dict()`` (the generator and the rows left of the current pass) let a resumed
+    run draw the same batches as an uninterrupted one."""
 
     def __init__(self, rows: Tensor, valid: Optional[Tensor], batch_size: int, *, seed: int, rank: int, world: int,
                  device):
@@ -332,6 +334,13 @@ class _RowBatches:
         if self.valid is None:
             return ids
         return ids, self.valid[idx].to(self.device)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state(), "queue": self.queue.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+        self.queue = state["queue"].clone()
 
 
 def _eval_batches(rows: Tensor, valid: Optional[Tensor], batch_size: int, rank: int, world: int, device) -> list:

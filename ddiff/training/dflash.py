@@ -461,7 +461,8 @@ def _setup(args, accelerator) -> TrainingSetup:
     def save(model, directory):
         model.save_pretrained(directory, dtype=_DTYPES[args.save_dtype])
 
-    return TrainingSetup(model=draft, next_batch=next_batch, loss=loss, save=save, extra_modules=[target])
+    return TrainingSetup(model=draft, next_batch=next_batch, loss=loss, save=save, extra_modules=[target],
+                         generators={"data": data_gen, "anchors": anchor_gen})
 
 
 DFLASH = Recipe(

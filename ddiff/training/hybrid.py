@@ -181,7 +181,7 @@ def _hybrid_setup(args, accelerator) -> TrainingSetup:
     return TrainingSetup(model=model, next_batch=data.next_batch,
                          loss=lambda model, x0: hybrid_loss(model, x0, generator=gen, **kwargs),
                          save=saver(data.tokenizer, scheduler), eval_batches=data.eval_batches,
-                         eval_loss=lambda model, x0: hybrid_loss(model, x0, **kwargs))
+                         eval_loss=lambda model, x0: hybrid_loss(model, x0, **kwargs), generators={"noise": gen})
 
 
 HYBRID = Recipe("hybrid", "hybrid-transition diffusion (mask + uniform corruption): its continuous-time NELBO",

@@ -52,13 +52,31 @@ def build_denoiser(args, vocab_size: int, *, block_size=None):
                          attention="block_causal" if block_size else "bidirectional", block_size=block_size)
 
 
-def language_batches(args, accelerator):
-    """A function drawing fresh ``[batch_size, seq_len]`` sentences on this process's device."""
-    from ddiff.training.token_diffusion import sample_language
+class _LanguageBatches:
+    """Fresh ``[batch_size, seq_len]`` sentences on a device, drawn with one generator whose state
+    (``state_dict`` / ``load_state_dict``) a checkpoint saves, so a resumed run draws the same."""
 
-    data_gen = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index + 7)
-    return lambda: sample_language(args.language, args.batch_size, args.seq_len, generator=data_gen).to(
-        accelerator.device)
+    def __init__(self, language: str, batch_size: int, seq_len: int, seed: int, device):
+        self.language, self.batch_size, self.seq_len, self.device = language, batch_size, seq_len, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self):
+        from ddiff.training.token_diffusion import sample_language
+
+        return sample_language(self.language, self.batch_size, self.seq_len, generator=self.generator).to(self.device)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def language_batches(args, accelerator):
+    """A callable drawing fresh ``[batch_size, seq_len]`` sentences on this process's device
+    (resumable: it has ``state_dict`` / ``load_state_dict``)."""
+    return _LanguageBatches(args.language, args.batch_size, args.seq_len,
+                            args.seed * 1000 + accelerator.process_index + 7, accelerator.device)
 
 
 def saver(tokenizer, scheduler):
@@ -95,7 +113,7 @@ def _setup(objective: str):
         return TrainingSetup(model=model, next_batch=data.next_batch,
                              loss=lambda m, x0: loss_fn(m, x0, generator=gen, **kwargs),
                              save=saver(data.tokenizer, scheduler), eval_batches=data.eval_batches,
-                             eval_loss=lambda m, x0: loss_fn(m, x0, **kwargs))
+                             eval_loss=lambda m, x0: loss_fn(m, x0, **kwargs), generators={"noise": gen})
 
     return setup
 
