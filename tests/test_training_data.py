@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import re
 
 import pytest
@@ -239,9 +240,8 @@ def test_clear_errors(tmp_path, files):
         read_documents(str(tmp_path / "empty.txt"))
     saved = tmp_path / "saved"
     saved.mkdir()
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
+    with pytest.MonkeyPatch.context() as patch:  # as without `datasets` installed
+        patch.setitem(sys.modules, "datasets", None)
         with pytest.raises(ImportError, match="needs the `datasets` package"):
             read_documents(str(saved))
     with pytest.raises(ValueError, match="needs a tokenizer"):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import numbers
-import os
 from dataclasses import dataclass
 from typing import Optional
 
