@@ -10,8 +10,8 @@ import argparse
 import json
 import math
 import os
-import sys
 import re
+import sys
 
 import pytest
 import torch
