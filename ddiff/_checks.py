@@ -104,6 +104,66 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
+# Seeds: one rule for every op and pipeline (torch.Generator.manual_seed's range). An integer seed
+# (Python, NumPy signed or unsigned, a 0-d integer tensor where a scalar is taken) must lie in
+# [-2**63, 2**64); a seed names its 64 bits, ``seed & (2**64 - 1)``, so -1 and 2**64 - 1 are the
+# same seed. Anything outside raises ValueError naming the argument.
+SEED_MIN = -(2**63)
+SEED_END = 2**64
+
+
+def check_seed(name: str, value) -> int:
+    """An integer seed as an ``int`` in ``[-2**63, 2**64)`` (the range ``torch.Generator.manual_seed`` takes).
+
+    Accepts Python ints, NumPy signed / unsigned integers and 0-d integer tensors (read on the
+    host: pass a CPU tensor where no device sync is wanted). TypeError for other types (bools
+    included), ValueError naming ``name`` outside the range. -1 and ``2**64 - 1`` name the same
+    64 bits, as every op reduces a seed to ``seed & (2**64 - 1)``.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or not is_integer_dtype(value.dtype):
+            raise TypeError(f"`{name}` must be an int or a 0-d integer tensor, got a {value.dtype} tensor of shape "
+                            f"{tuple(value.shape)}.")
+        value = value.item()
+    if not is_int(value):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+    value = int(value)
+    if not SEED_MIN <= value < SEED_END:
+        raise ValueError(f"`{name}` must lie in [-2**63, 2**64), got {value}.")
+    return value
+
+
+def seed_int64(name: str, value) -> int:
+    """:func:`check_seed`, then its 64 bits as a signed int64 (what the ops' schemas and kernels take)."""
+    bits = check_seed(name, value) & (SEED_END - 1)
+    return bits - SEED_END if bits >= 2**63 else bits
+
+
+# Temperatures: one rule for every op (both backends). A temperature must be a number >= 0 that
+# is finite in fp32 (inf, NaN and values above FLT_MAX raise ValueError naming it); one below
+# TEMPERATURE_EPS (as vLLM's _SAMPLING_EPS) is greedy, i.e. exactly 0. Per-row tensors are
+# normalised on the device (torch.where, no host sync); their range is checked only while
+# :func:`eager` is true, and outside the checks a NaN / inf / negative entry becomes NaN, so the
+# row comes back invalid (token -1) on both backends.
+TEMPERATURE_EPS = 1e-5
+FLT_MAX = float(torch.finfo(torch.float32).max)
+
+
+def normalize_temperature(name: str, tensor, scalar):
+    """``(tensor, scalar)`` of a temperature with the rule above applied (see ``TEMPERATURE_EPS``)."""
+    if tensor is None:
+        value = float(scalar)
+        if not (math.isfinite(value) and 0.0 <= value <= FLT_MAX):
+            raise ValueError(f"`{name}` must be a finite number in [0, {FLT_MAX:.7g}] (representable in fp32), "
+                             f"got {scalar}.")
+        return None, 0.0 if value < TEMPERATURE_EPS else value
+    t = tensor if tensor.dtype == torch.float32 else tensor.to(torch.float32)
+    ok = torch.isfinite(t) & (t >= 0)
+    if eager() and t.numel() and not bool(ok.all()):
+        raise ValueError(f"every value of `{name}` must be a finite number >= 0 (representable in fp32).")
+    return torch.where(ok, torch.where(t < TEMPERATURE_EPS, 0.0, t), float("nan")), scalar
+
+
 def check_token_id(name: str, value, vocab: int) -> int:
     """A token id: an int in ``[0, vocab)``."""
     if not is_int(value):

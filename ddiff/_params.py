@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ddiff._checks import (FLOAT_DTYPES, check_device, check_dtype, check_logits, check_range, eager, is_int, row_param,
-                           sync_checks)
+from ddiff._checks import (FLOAT_DTYPES, check_device, check_dtype, check_logits, check_range, check_seed, eager, is_int,
+                           row_param, seed_int64, sync_checks)
 from ddiff.reference.rng import MAX_OFFSET
 
 __all__ = ["FLOAT_DTYPES", "RngArgs", "check_logits", "check_range", "eager", "rng_args", "row_param", "rows_of",
@@ -29,7 +29,11 @@ class RngArgs:
 
 
 def rng_args(seed, offset, generator, rows: int, device) -> RngArgs:
-    """Validate ``seed`` / ``offset`` / ``generator``; draw a seed when neither is given."""
+    """Validate ``seed`` / ``offset`` / ``generator``; draw a seed when neither is given.
+
+    An integer seed follows :func:`ddiff._checks.check_seed`: any integer type (NumPy included)
+    in ``[-2**63, 2**64)``, reduced to its 64 bits; outside, ValueError naming ``seed``.
+    """
     if not is_int(offset):
         raise TypeError(f"`offset` must be an int, got {type(offset).__name__}.")
     if not 0 <= offset < MAX_OFFSET:
@@ -45,6 +49,8 @@ def rng_args(seed, offset, generator, rows: int, device) -> RngArgs:
         # torch's default generator for this device: torch.manual_seed makes runs repeat.
         drawn = torch.randint(0, 2**63 - 1, (1,), device=device, dtype=torch.int64)
         return RngArgs(drawn, 0, offset)
+    if isinstance(seed, torch.Tensor) and seed.dim() == 0 and seed.device.type == "cpu" and torch.device(device).type != "cpu":
+        seed = check_seed("seed", seed)  # a host scalar for device logits: read without a device sync
     if isinstance(seed, torch.Tensor):
         check_dtype("seed", seed, "int")
         check_device("seed", seed, device)
@@ -53,8 +59,8 @@ def rng_args(seed, offset, generator, rows: int, device) -> RngArgs:
         return RngArgs(seed.reshape(-1).to(torch.int64).contiguous(), 0, offset)
     if not is_int(seed):
         raise TypeError(f"`seed` must be an int or an integer tensor, got {type(seed).__name__}.")
-    bits = seed & (2**64 - 1)
-    return RngArgs(None, bits - 2**64 if bits >= 2**63 else bits, offset)
+    # [-2**63, 2**64), reduced to its 64 bits: -1 and 2**64 - 1 are one seed.
+    return RngArgs(None, seed_int64("seed", seed), offset)
 
 
 def seed_rows(rng: RngArgs, rows: int, device) -> torch.Tensor:

@@ -67,7 +67,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import numbers
 import types
 from dataclasses import dataclass
 from typing import Optional
@@ -75,7 +74,7 @@ from typing import Optional
 import torch
 
 from ddiff import ops
-from ddiff._checks import sync_checks
+from ddiff._checks import check_seed, sync_checks
 
 __all__ = [
     "DdiffEntropyBoundSampler",
@@ -172,6 +171,8 @@ def entropy_bound_step(logits: Tensor, *, entropy_bound, temperature=1.0, do_sam
         seed = torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device).to(logits.device)
     elif seed is None:
         seed = torch.randint(0, 2**63 - 1, (1,), device=logits.device)
+    elif not isinstance(seed, torch.Tensor) or (seed.dim() == 0 and seed.device.type == "cpu"):
+        seed = check_seed("seed", seed)  # any integer type in [-2**63, 2**64), as every op
     tokens, neg_entropy, argmax = ops.predict_tokens(
         logits, temperature=temperature if do_sample else 0.0, confidence="neg_entropy",
         confidence_from="sampling", return_argmax=True, seed=seed, offset=offset, backend=backend)
@@ -368,8 +369,8 @@ def use_ddiff(model, *, seed=None, generator: Optional[torch.Generator] = None, 
         raise TypeError(f"`do_sample` must be a bool, got {type(do_sample).__name__}.")
     if seed is not None and generator is not None:
         raise ValueError("pass either `seed` or `generator`, not both.")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
+    if seed is not None:
+        seed = check_seed("seed", seed)  # any integer type in [-2**63, 2**64), as every op
     samplers = []
 
     def prepare_sampler(self, generation_config):

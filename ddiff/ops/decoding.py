@@ -8,9 +8,9 @@ import torch
 from torch.library import custom_op, triton_op
 
 from ddiff._backend import launch_wrapper, resolve_backend
-from ddiff._checks import (check_bool, check_choice, check_device, check_dtype, check_logits, check_range,
+from ddiff._checks import (check_bool, check_choice, check_device, check_dtype, check_logits,
                            check_shape, check_tensor, check_token_id, eager, is_int, is_integer_dtype, is_real,
-                           row_param)
+                           normalize_temperature, row_param)
 from ddiff._params import RngArgs, rng_args, seed_rows
 from ddiff.ops.sampling import (
     _filter_params,
@@ -119,7 +119,7 @@ def _udlm_torch(logits: Tensor, x_t: Tensor, alpha_t: Tensor, alpha_s: Tensor, s
                 seed_value: int, offset: int) -> Tensor:
     x_s, bad = torch_fast.udlm_step(logits, x_t, alpha_t, alpha_s, (seed, seed_value), offset)
     _raise_invalid_rows(bad)
-    return x_s
+    return torch.where(bad, -1, x_s)  # an invalid row is token -1, as in every op
 
 
 @_udlm_torch.register_fake
@@ -137,7 +137,8 @@ def _udlm_triton(logits: Tensor, x_t: Tensor, alpha_t: Tensor, alpha_s: Tensor, 
         confidence="prob", conf_raw=True, filtered=False, query=x_t, wrap=launch_wrapper(),
     )
     seeds = seed_rows(RngArgs(seed, seed_value, offset), logits.shape[0], logits.device)
-    return udlm_choose(tokens, p_xt, x_t, alpha_t, alpha_s, logits.shape[1], seeds, offset), p_xt
+    x_s = udlm_choose(tokens, p_xt, x_t, alpha_t, alpha_s, logits.shape[1], seeds, offset)
+    return torch.where(torch.isnan(p_xt), -1, x_s), p_xt  # an invalid row is token -1, as in every op
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,8 +160,12 @@ def _check_suppress(suppress_tokens, vocab: int, device, name: str = "suppress_t
     if isinstance(suppress_tokens, torch.Tensor):
         if not is_integer_dtype(suppress_tokens.dtype):
             raise TypeError(f"`{name}` must hold integer ids, got {suppress_tokens.dtype}.")
-        ids = suppress_tokens.reshape(-1).to(device=device, dtype=torch.int64)
-        out_of_range = eager() and ids.numel() and bool(((ids < 0) | (ids >= vocab)).any())
+        ids = suppress_tokens.reshape(-1).to(torch.int64)  # uint64 ids >= 2**63 wrap to negative: still rejected
+        # Host (CPU) ids are checked always: reading them waits on no device. Device ids are
+        # checked while the checks are on; outside them the ops ignore an id outside [0, V), on
+        # both backends (ddiff.torch_fast.sampling.suppress_columns_).
+        out_of_range = (eager() or ids.device.type == "cpu") and ids.numel() and bool(((ids < 0) | (ids >= vocab)).any())
+        ids = ids.to(device)
     else:
         values = [suppress_tokens] if is_int(suppress_tokens) else suppress_tokens
         try:
@@ -264,6 +269,10 @@ def predict_tokens(logits: Tensor, mask: Optional[Tensor] = None, temperature=0.
             BlockRefinement); at temperature 0 that is the filtered softmax at temperature 1.
         suppress_tokens: ids set to ``-inf`` before anything else (the mask token, EOS:
             LLaDA's ``logits_eos_inf``): an int, a sequence or an int tensor (at most 64).
+            Every id must lie in ``[0, V)``: ValueError naming it on both backends, checked
+            always for ints, sequences and CPU tensors (no device read); a device tensor is
+            checked while the checks are on, and inside ``ddiff.sync_checks(False)`` its
+            out-of-range ids are ignored by both backends.
         confidence_suppress_tokens: ids set to ``-inf`` only in the distribution the
             confidence is measured under (after the filters; the kept set is not recomputed),
             never in the one the token is drawn from; same id rules as ``suppress_tokens``.
@@ -296,8 +305,8 @@ def predict_tokens(logits: Tensor, mask: Optional[Tensor] = None, temperature=0.
     check_choice("confidence_from", confidence_from, CONFIDENCE_FROM)
     mask_rows = None if mask is None else _check_positions("mask", mask, logits.shape[:-1], device, dtype_kind="bool")
     temp = row_param("temperature", temperature, rows, device, integer=False, default=0.0)
-    check_range("temperature", temp[0], temp[1], 0.0, None)
-    k, p, m = _filter_params(top_k, top_p, min_p, rows, device)
+    temp = normalize_temperature("temperature", *temp)
+    k, p, m = _filter_params(top_k, top_p, min_p, rows, device, vocab)
     top_p_mode = check_top_p_mode(top_p_mode)
     suppress = _check_suppress(suppress_tokens, vocab, device)
     conf_suppress = _check_suppress(confidence_suppress_tokens, vocab, device, name="confidence_suppress_tokens")
@@ -339,7 +348,8 @@ def mdlm_step(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t, alpha_s,
         alpha_t, alpha_s: α at the current (noisier) time t and the next time s < t, so
             ``0 <= α_t <= α_s <= 1``: floats, ``[B]`` tensors or tensors shaped like ``x_t``.
             See :func:`ddiff.alpha_schedule`.
-        temperature: float > 0 or per-row tensor (0 reveals the argmax).
+        temperature: float >= 0 or per-row tensor (0 reveals the argmax); the rule of
+            :func:`ddiff.sample` (finite in fp32, below 1e-5 greedy).
         top_k, top_p, min_p: filters of the revealed token's distribution, as in
             :func:`ddiff.sample` (top-k: Dream ``alg="origin"``; top-p: BD3LM's nucleus
             sampling, with ``top_p_mode="bd3lm"`` for BD3LM's exact rule).
@@ -354,8 +364,8 @@ def mdlm_step(logits: Tensor, x_t: Tensor, mask_token_id: int, alpha_t, alpha_s,
     device = logits.device
     mask_token_id = check_token_id("mask_token_id", mask_token_id, vocab)
     temp = row_param("temperature", temperature, rows, device, integer=False, default=1.0)
-    check_range("temperature", temp[0], temp[1], 0.0, None)
-    k, p, m = _filter_params(top_k, top_p, min_p, rows, device)
+    temp = normalize_temperature("temperature", *temp)
+    k, p, m = _filter_params(top_k, top_p, min_p, rows, device, vocab)
     top_p_mode = check_top_p_mode(top_p_mode)
     rng = rng_args(seed, offset, generator, rows, device)
     impl = resolve_backend(backend, logits)
@@ -386,25 +396,32 @@ def udlm_step(logits: Tensor, x_t: Tensor, alpha_t, alpha_s, *, seed=None, offse
 
     Args:
         logits: ``[B, L, V]`` (any leading dims) float32 / float16 / bfloat16.
-        x_t: int64 ``[B, L]`` current tokens, in ``[0, V)``.
+        x_t: int64 ``[B, L]`` current tokens, in ``[0, V)`` (ValueError naming ``x_t``
+            otherwise; inside ``ddiff.sync_checks(False)`` such a position comes back as -1).
         alpha_t, alpha_s: ``0 <= α_t <= α_s <= 1``: floats, ``[B]`` tensors or shaped like ``x_t``.
         seed, offset, generator, backend: as in :func:`ddiff.sample`.
 
     Returns:
-        ``x_s``: int64, shaped like ``x_t``.
+        ``x_s``: int64, shaped like ``x_t``. Invalid rows (NaN / +inf logits, an all ``-inf``
+        row, an ``x_t`` id outside the vocabulary) raise ValueError, or, inside
+        ``ddiff.sync_checks(False)``, come back as token -1 on both backends, as in every op.
     """
     logits2d, x_rows, a_t, a_s = _posterior_inputs(logits, x_t, alpha_t, alpha_s)
     rows, vocab = logits2d.shape
     device = logits.device
-    if eager() and x_rows.numel() and bool(((x_rows < 0) | (x_rows >= vocab)).any()):
+    x_bad = (x_rows < 0) | (x_rows >= vocab)
+    if eager() and x_rows.numel() and bool(x_bad.any()):
         raise ValueError(f"every token of `x_t` must lie in [0, {vocab}).")
     rng = rng_args(seed, offset, generator, rows, device)
     impl = resolve_backend(backend, logits)
-    args = (logits2d, x_rows.contiguous(), a_t, a_s, rng.seed, rng.seed_value, rng.offset)
+    # Unchecked (sync_checks(False)): an x_t id outside [0, V) makes its row invalid (-1); the ops
+    # see an in-range id there, so neither backend reads outside the row.
+    x_in = torch.where(x_bad, 0, x_rows).contiguous()
+    args = (logits2d, x_in, a_t, a_s, rng.seed, rng.seed_value, rng.offset)
     if impl == "torch":
         with _locate_invalid_rows(logits.shape[:-1]):
             x_s = torch.ops.ddiff.udlm_step_torch(*args)
     else:
         x_s, p_xt = torch.ops.ddiff.udlm_step_triton(*args)
         _raise_invalid_rows(torch.isnan(p_xt), logits.shape[:-1])
-    return x_s.view(x_t.shape)
+    return torch.where(x_bad, -1, x_s).view(x_t.shape)

@@ -9,7 +9,8 @@ import torch
 from torch.library import custom_op, triton_op
 
 from ddiff._backend import launch_wrapper, resolve_backend
-from ddiff._checks import check_bool, check_choice, check_logits, check_range, eager, logits_location, row_param
+from ddiff._checks import (check_bool, check_choice, check_logits, check_range, eager, logits_location,
+                           normalize_temperature, row_param)
 from ddiff._params import rng_args
 from ddiff.reference.sampling import TOP_P_MODES
 from ddiff.torch_fast import sampling as torch_fast
@@ -128,10 +129,19 @@ def _filter_triton(logits: Tensor, top_k: Optional[Tensor], top_k_value: int, to
 # ---------------------------------------------------------------------------------------------
 
 
-def _filter_params(top_k, top_p, min_p, rows: int, device):
-    """Check and normalise the three filters; returns ((k, k0), (p, p0), (m, m0))."""
+def _filter_params(top_k, top_p, min_p, rows: int, device, vocab: Optional[int] = None):
+    """Check and normalise the three filters; returns ((k, k0), (p, p0), (m, m0)).
+
+    A scalar ``top_k >= vocab`` keeps everything: it is clamped to ``vocab`` here, before
+    dispatch, so any Python int (``2**63`` and above included) reaches the op schema as an int64;
+    so does a uint64 tensor entry of ``2**63`` or more (which int64 cannot hold).
+    """
     k = row_param("top_k", top_k, rows, device, integer=True, default=0)
+    if k[0] is not None and isinstance(top_k, Tensor) and top_k.dtype == torch.uint64:
+        k = (torch.where(k[0] < 0, 2**63 - 1, k[0]), k[1])  # uint64 >= 2**63 wrapped to negative: keep all
     check_range("top_k", k[0], k[1], 0, None)
+    if vocab is not None and k[0] is None:
+        k = (None, min(int(k[1]), vocab))
     p = row_param("top_p", top_p, rows, device, integer=False, default=1.0)
     check_range("top_p", p[0], p[1], 0.0, 1.0, low_open=True)
     m = row_param("min_p", min_p, rows, device, integer=False, default=0.0)
@@ -173,7 +183,8 @@ def filter_logits(logits: Tensor, top_k=None, top_p=None, min_p=None, *, top_p_m
     Args:
         logits: ``[..., V]`` float32 / float16 / bfloat16, any leading dims (rows are the
             flattened leading dims), any strides.
-        top_k: int or int tensor ``[R]``; ``None``, 0 or ``>= V`` keep everything.
+        top_k: int or int tensor ``[R]``; ``None``, 0 or ``>= V`` (any size: ``2**64`` too)
+            keep everything.
         top_p: float in (0, 1] or float tensor ``[R]``; ``None`` or 1.0 keep everything.
         min_p: float in [0, 1] or float tensor ``[R]``; ``None`` or 0 keep everything.
         top_p_mode: ``"inclusive"`` (transformers' TopPLogitsWarper) or ``"bd3lm"``.
@@ -193,7 +204,7 @@ def filter_logits(logits: Tensor, top_k=None, top_p=None, min_p=None, *, top_p_m
     """
     logits2d = check_logits(logits)
     rows, vocab = logits2d.shape
-    k, p, m = _filter_params(top_k, top_p, min_p, rows, logits.device)
+    k, p, m = _filter_params(top_k, top_p, min_p, rows, logits.device, vocab)
     top_p_mode = check_top_p_mode(top_p_mode)
     impl = resolve_backend(backend, logits)
     if impl == "torch":
@@ -227,11 +238,16 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
     Args:
         logits: ``[..., V]`` float32 / float16 / bfloat16; rows are the flattened leading dims.
         temperature: float >= 0 or float tensor ``[R]``. 0 means greedy: the first maximal
-            index, as ``torch.argmax``; zeros may be mixed with positive values per row.
+            index, as ``torch.argmax``; zeros may be mixed with positive values per row. The
+            one rule of every op: it must be finite in fp32 (inf, NaN or above FLT_MAX:
+            ValueError naming it), and below ``ddiff._checks.TEMPERATURE_EPS`` (1e-5) it is
+            greedy (0) on both backends; per-row tensors are normalised on the device.
         top_k, top_p, min_p: filters as in :func:`filter_logits` (scalar or ``[R]``).
         top_p_mode: ``"inclusive"`` (transformers) or ``"bd3lm"`` (BD3LM's nucleus), as in
             :func:`filter_logits`; the nucleus is taken on the tempered distribution.
-        seed: int, or int64 tensor ``[R]`` of per-row seeds (honoured per row).
+        seed: int (any integer type, NumPy included) in ``[-2**63, 2**64)``, reduced to its 64
+            bits (-1 is ``2**64 - 1``; outside: ValueError), or int64 tensor ``[R]`` of per-row
+            seeds (honoured per row).
         offset: int in [0, 2^56): advance it between calls that share a seed.
         generator: draw the seed from this generator instead. With neither ``seed`` nor
             ``generator`` the seed comes from torch's default generator, so
@@ -252,8 +268,8 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
     rows, vocab = logits2d.shape
     device = logits.device
     temp = row_param("temperature", temperature, rows, device, integer=False, default=1.0)
-    check_range("temperature", temp[0], temp[1], 0.0, None)
-    k, p, m = _filter_params(top_k, top_p, min_p, rows, device)
+    temp = normalize_temperature("temperature", *temp)
+    k, p, m = _filter_params(top_k, top_p, min_p, rows, device, vocab)
     top_p_mode = check_top_p_mode(top_p_mode)
     check_bool("return_probs", return_probs)
     rng = rng_args(seed, offset, generator, rows, device)

@@ -7,8 +7,8 @@ from typing import Optional, Union
 import torch
 
 from ddiff._backend import launch_wrapper, resolve_backend
-from ddiff._checks import (check_device, check_dim, check_per_row_tensor, check_range, check_shape, check_tensor, eager,
-                           is_int, row_param)
+from ddiff._checks import (check_device, check_dim, check_per_row_tensor, check_shape, check_tensor, eager,
+                           is_int, normalize_temperature, row_param)
 from ddiff._params import rng_args, rows_of, seed_rows
 from ddiff.reference import selection as _ref
 
@@ -169,7 +169,8 @@ def select_transfer(
         entropy_bound: float >= 0, or ``[B]`` (or 0-dim) floating tensor (entries >= 0).
         min_transfer: int >= 0, the floor of the threshold-only rule.
         temperature: float >= 0, or ``[B]`` (or 0-dim) floating tensor: sample the
-            ``num_transfer`` positions instead of taking the most confident.
+            ``num_transfer`` positions instead of taking the most confident. The rule of
+            :func:`ddiff.sample`: finite in fp32 (else ValueError), below 1e-5 it is 0.
         seed, offset, generator: the draw of ``temperature`` > 0, as in :func:`ddiff.sample`
             (per-row ``seed`` tensors allowed; neither ``seed`` nor ``generator``: torch's
             default generator).
@@ -251,7 +252,7 @@ def _sampling_keys(confidence, temperature, seed, offset, generator) -> torch.Te
     both then run the same deterministic top-k on them."""
     batch, device = confidence.shape[0], confidence.device
     tau, tau_scalar = _split("temperature", temperature, confidence, integer=False)
-    check_range("temperature", tau, tau_scalar, 0.0, None)
+    tau, tau_scalar = normalize_temperature("temperature", tau, tau_scalar)  # finite in fp32; < 1e-5 is 0
     if tau is None and tau_scalar == 0.0:
         return confidence
     rng = rng_args(seed, offset, generator, batch, device)

@@ -29,7 +29,8 @@ Attention kinds
 Batches of prompts with different lengths are left-padded; padding is masked out of attention
 and position ids count from each row's first real token. With ``"bidirectional"`` every row
 decodes exactly as it would alone at temperature 0; with sampling the ops' noise is keyed by the
-row index, so a row other than the first draws other noise than it would alone. With ``"block_causal"`` / ``"causal"`` blocks are aligned to
+row index, so a row other than the first draws other noise than it would alone. With
+``"block_causal"`` / ``"causal"`` blocks are aligned to
 the columns of the padded batch, so a padded row's block boundaries move by its padding (its
 tokens can differ from a solo run unless the model was trained with varying block alignment).
 
@@ -46,6 +47,14 @@ block; threshold / factor / editing rules and the partly prompt-filled first blo
 per step whether the block still has masks; EOS early stop checks once per step; block timing
 (and, in ``"bidirectional"`` mode with the mask id allowed, the search for masks left in earlier
 blocks) synchronises once per block.
+
+Invalid logits: a position whose logits row is invalid (NaN / +inf, or entirely -inf after
+``suppress_tokens`` and the filters, e.g. through ``cfg_scale`` or an overflowing temperature)
+gets ``-1`` from the ops, which run without value checks inside the loop. That ``-1`` is never
+written into the sequence (the position keeps its mask, so the model never sees an invalid id);
+the step is recorded on the device, and at the end of the block (one host read, where the
+block's timing already waits for the device) a ValueError names the first step, batch row and
+position. ``suppress_tokens`` covering every id and ``cfg_scale = inf`` are refused up front.
 
 Differences from the upstream loops (same tokens otherwise, at temperature 0)
 -----------------------------------------------------------------------------
@@ -90,7 +99,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ddiff._checks import logits_location
+from ddiff._checks import check_seed, logits_location
 from ddiff._params import sync_checks
 from ddiff.denoiser import crop_cache, model_logits, new_cache
 from ddiff.pipelines.block_diffusion_scheduler import (BlockDiffusionScheduler, BlockDiffusionSchedulerOutput,
@@ -106,7 +115,9 @@ from ddiff.pipelines.utils import (
     execution_device,
     is_int,
     is_real,
+    check_callback_ids,
     model_dtype,
+    model_output_size,
     model_vocab_size,
     run_callback,
     token_id_list,
@@ -157,6 +168,7 @@ class _Run:
     cached_len: int = 0
     nfe: int = 0
     step: int = 0
+    invalid_step: Optional[torch.Tensor] = None  # [B, T] int64: first step whose logits row there was invalid, or -1
 
 
 class BlockDiffusionPipeline(ProgressBarMixin):
@@ -396,8 +408,8 @@ class BlockDiffusionPipeline(ProgressBarMixin):
             raise ValueError(f"`max_post_steps` must be an int >= 0, got {max_post_steps!r}.")
         if max_post_steps > 0 and editing_threshold is None:
             raise ValueError("`max_post_steps` only applies with `editing_threshold` (post-decoding edits).")
-        if not is_real(cfg_scale) or not cfg_scale >= 0:
-            raise ValueError(f"`cfg_scale` must be a number >= 0, got {cfg_scale!r}.")
+        if not is_real(cfg_scale) or not 0 <= cfg_scale < float("inf"):
+            raise ValueError(f"`cfg_scale` must be a finite number >= 0, got {cfg_scale!r}.")
         for name, flag in (("logits_shift", logits_shift), ("eos_early_stop", eos_early_stop),
                            ("use_chat_template", use_chat_template), ("progress", progress),
                            ("confidence_eos_eot_inf", confidence_eos_eot_inf)):
@@ -405,8 +417,8 @@ class BlockDiffusionPipeline(ProgressBarMixin):
                 raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}.")
         if seed is not None and generator is not None:
             raise ValueError("pass either `seed` or `generator`, not both.")
-        if seed is not None and not is_int(seed):
-            raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
+        if seed is not None:
+            check_seed("seed", seed)  # any integer type in [-2**63, 2**64), as every op
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
         if output_type not in OUTPUT_TYPES:
@@ -416,7 +428,10 @@ class BlockDiffusionPipeline(ProgressBarMixin):
 
     def encode_prompt(self, prompt, input_ids, attention_mask, use_chat_template: bool, device):
         """``(input_ids [B, P], valid [B, P] bool)`` with prompts left-padded."""
-        if prompt is not None:
+        if isinstance(prompt, (list, tuple)) and not prompt:  # an empty batch
+            ids = torch.zeros(0, 0, dtype=torch.int64, device=device)
+            mask = torch.ones_like(ids)
+        elif prompt is not None:
             ids, mask = encode_prompts(self.tokenizer, prompt, use_chat_template=use_chat_template, device=device)
         else:
             ids = input_ids.to(device=device, dtype=torch.int64)
@@ -567,9 +582,9 @@ class BlockDiffusionPipeline(ProgressBarMixin):
             "x": run.x, "tokens": out.tokens, "confidence": out.confidence, "transfer_index": out.transfer_index,
             "edit_index": out.edit_index, "block_start": start_col, "block_end": end_col,
         })
-        if "x" not in returned:
+        if returned.get("x") is None:
             return False
-        run.x = returned["x"]
+        run.x = check_callback_ids(returned["x"], run.x, model_vocab_size(self.model))
         return True
 
     def _denoise_block(self, run: _Run, scheduler: BlockDiffusionScheduler, block: _Block,
@@ -588,6 +603,9 @@ class BlockDiffusionPipeline(ProgressBarMixin):
             out = scheduler.step(logits, run.x[:, start_col:end_col], masked, i, generated=generated,
                                  offset=run.step, **step_kwargs)
             run.x[:, start_col:end_col] = out.x
+            if out.invalid_index is not None:  # device-side bookkeeping only: no host sync per step
+                seen = run.invalid_step[:, start_col:end_col]
+                run.invalid_step[:, start_col:end_col] = torch.where(out.invalid_index & (seen < 0), run.step, seen)
             x_changed |= self._callback(run, callback, i, out, start_col, end_col)
             run.step += 1
             i += 1
@@ -643,7 +661,11 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         Args:
             prompt: a string or a list of strings (tokenised with left padding), or
             input_ids: ``[P]`` / ``[B, P]`` token ids, with
-            attention_mask: ``[B, P]`` 0/1, left padding only (zeros first).
+            attention_mask: ``[B, P]`` 0/1, left padding only (zeros first). Bool, integer or float,
+                but only exact 0 and 1 (``0.5`` or NaN is a ValueError, never truncated). Padding
+                ids reach the embedding too: every id must lie in ``[0, V)``, under 0 as well.
+                An empty batch (``[0, P]`` ids, or ``prompt=[]``) returns empty results
+                (``sequences`` ``[0, max_new_tokens]``) without calling the model, as the ops do.
             max_new_tokens: exactly this many positions are generated (fewer are returned only
                 when every row stopped at EOS).
             block_length: tokens per block; the last block may be shorter. Dream decodes the
@@ -669,12 +691,14 @@ class BlockDiffusionPipeline(ProgressBarMixin):
                 new prediction differs with confidence above this are re-written.
             max_post_steps: extra editing-only steps after a block has no masks left.
             cfg_scale: LLaDA's unsupervised classifier-free guidance (prompt masked in the
-                unconditional rows): ``uncond + (cfg_scale + 1) * (cond - uncond)``.
+                unconditional rows): ``uncond + (cfg_scale + 1) * (cond - uncond)``; finite, >= 0.
             logits_shift: predict position i from the output at i - 1 (Dream). Forced on when the
                 pipeline was built with ``logits_shift=True`` (e.g. the Dream preset).
             suppress_tokens: ids never generated. The mask id is allowed unless listed here, as
                 in the upstream loops (module docstring); LLaDA's ``logits_eos_inf`` is
-                ``suppress_tokens=[126081]``.
+                ``suppress_tokens=[126081]``. Every id must lie in ``[0, V)`` (V: the model's
+                logit columns) and at least one id must be left; a ValueError otherwise (with
+                ``confidence_eos_eot_inf`` the EOS ids are checked the same way).
             eos_token_id: EOS id(s); default the pipeline's (preset), then the tokenizer's.
             eos_early_stop: a row stops as soon as a step writes an EOS with every generated
                 position before the first EOS decoded (LLaDA2), or at the end of a block holding
@@ -682,7 +706,8 @@ class BlockDiffusionPipeline(ProgressBarMixin):
                 stopped, decoding ends and ``sequences`` is cut after the first EOS (shorter rows
                 padded). The tokens up to the first EOS are those of a run without the stop
                 (except with editing, which a stop also ends).
-            seed: one seed for the whole call; step ``i`` draws with ``offset=i``. Or
+            seed: one seed for the whole call; step ``i`` draws with ``offset=i`` (any integer
+                type in ``[-2**63, 2**64)``, the ops' seed rule; else ValueError). Or
             generator: a ``torch.Generator`` each op call draws its seed from.
             use_chat_template: wrap string prompts in the tokenizer's chat template.
             output_type: ``"text"`` (also decode) or ``"ids"``.
@@ -691,7 +716,10 @@ class BlockDiffusionPipeline(ProgressBarMixin):
                 ``transfer_index`` and ``edit_index`` (shaped like the step's columns
                 ``x[:, block_start:block_end]``) and the ints ``block_start`` / ``block_end``; a
                 returned ``"x"`` replaces the sequence (other returned keys are ignored; with a KV
-                cache, changes to already committed blocks are not seen by the model).
+                cache, changes to already committed blocks are not seen by the model): a
+                ``torch.Tensor`` of an integer dtype shaped like ``x`` with ids in ``[0, V)``
+                (TypeError / ValueError naming ``callback_on_step_end`` otherwise); ``None``
+                changes nothing.
             progress: show a tqdm bar over blocks (see ``set_progress_bar_config``).
             schedule: ``"llada"`` (even split of the block) or ``"dream"`` (Dream's
                 ``int(m · (1 − s/t))``); see :class:`BlockDiffusionScheduler`.
@@ -731,12 +759,15 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         if not eos_ids and self.tokenizer is not None:
             eos_ids = token_id_list(getattr(self.tokenizer, "eos_token_id", None), "eos_token_id")
         suppress = list(dict.fromkeys(token_id_list(suppress_tokens, "suppress_tokens")))
+        self._check_suppressed(suppress, eos_ids if confidence_eos_eot_inf else [])
         logits_shift = logits_shift or self.logits_shift
         device = self._execution_device
 
         # 1. prompt and latents
         ids, valid = self.encode_prompt(prompt, input_ids, attention_mask, use_chat_template, device)
         batch, prompt_len = ids.shape
+        if batch == 0:  # an empty batch: empty results, as the ops give, and no model call
+            return self._empty_outputs(max_new_tokens, output_type, device)
         if logits_shift and prompt_len < 1:
             raise ValueError("`logits_shift` needs a prompt of at least one token (position 0 has no predecessor).")
         total = prompt_len + max_new_tokens
@@ -754,10 +785,11 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         step_kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, suppress_tokens=suppress_t,
                            confidence_suppress_tokens=self._confidence_suppress(confidence_eos_eot_inf, eos_ids,
                                                                                 temperature, device),
-                           seed=seed, generator=generator, backend=self.backend)
+                           seed=None if seed is None else check_seed("seed", seed), generator=generator,
+                           backend=self.backend)
 
         # 3. denoising loop. The ops' value checks would wait for the device at every step;
-        # invalid rows come back as token -1 instead, and one check after the loop raises.
+        # invalid rows come back as token -1 instead: never written, recorded, raised after their block.
         block_times: list[float] = []
         block_steps: list[int] = []
         overrides = {} if progress else {"disable": True}  # never written back: the user's config survives
@@ -768,17 +800,13 @@ class BlockDiffusionPipeline(ProgressBarMixin):
                     started = time.perf_counter()
                     block_steps.append(self._denoise_block(run, scheduler, block, steps_per_block, step_kwargs,
                                                            callback_on_step_end))
-                    block_times.append(self._elapsed(started, device))
+                    block_times.append(self._elapsed(started, device))  # waits for the device on CUDA
+                    self._raise_invalid(run)
                     bar.update(1)
                     if run.stop_early and self._finished_after_block(run, block):
                         break
             finally:
                 bar.close()
-        invalid = run.x == -1
-        if bool(invalid.any()):
-            where = logits_location(int(torch.nonzero(invalid.reshape(-1))[0]), invalid.shape)
-            raise ValueError(f"the model's logits predicting the token {where} of the sequence (prompt included) "
-                             "held NaN or +inf (or were all -inf after `suppress_tokens`).")
         return self._outputs(run, eos_ids, max_new_tokens, output_type, block_times, block_steps)
 
     # ------------------------------------------------------------------------------------------
@@ -798,7 +826,45 @@ class BlockDiffusionPipeline(ProgressBarMixin):
         return _Run(x=x, prompt_len=prompt_len, attn=attn, positions=positions, prompt_cols=prompt_cols,
                     cache=cache, logits_shift=logits_shift, cfg_scale=cfg_scale,
                     finished=torch.zeros(x.shape[0], dtype=torch.bool, device=device), eos=eos,
-                    stop_early=eos_early_stop and eos is not None, mask_suppressed=self.mask_token_id in suppress)
+                    stop_early=eos_early_stop and eos is not None, mask_suppressed=self.mask_token_id in suppress,
+                    invalid_step=torch.full(x.shape, -1, dtype=torch.int64, device=device))
+
+    def _check_suppressed(self, suppress: list, eos_ids: list) -> None:
+        """``suppress_tokens`` (and, with ``confidence_eos_eot_inf``, the EOS ids) must be ids of the
+        model's logits ``[0, V)``, and ``suppress_tokens`` must leave at least one id."""
+        size = model_output_size(self.model)
+        for name, ids in (("suppress_tokens", suppress), ("eos_token_id", eos_ids)):
+            for i in ids:
+                if i < 0 or (size is not None and i >= size):
+                    limit = f"[0, {size})" if size is not None else "ids >= 0"
+                    raise ValueError(f"`{name}` holds token id {i}, outside the model's logits {limit}.")
+        if size is not None and len(suppress) >= size:
+            raise ValueError(f"`suppress_tokens` covers all {size} ids of the model's logits: no token could be "
+                             "generated.")
+
+    def _empty_outputs(self, max_new_tokens: int, output_type: str, device) -> "BlockDiffusionPipelineOutput":
+        sequences = torch.zeros(0, max_new_tokens, dtype=torch.int64, device=device)
+        texts = decode_sequences(self.tokenizer, sequences) if output_type == "text" else None
+        return BlockDiffusionPipelineOutput(sequences=sequences, texts=texts, nfe=0, steps=0, block_times=[],
+                                            finished=torch.zeros(0, dtype=torch.bool, device=device),
+                                            block_steps=[])
+
+    @staticmethod
+    def _raise_invalid(run: _Run) -> None:
+        """Raise for the first (earliest step, then first row and position) invalid logits row seen.
+
+        One host read; the loop calls it once per block, after the block's timing has waited for
+        the device anyway."""
+        seen = run.invalid_step >= 0
+        if not bool(seen.any()):
+            return
+        step = int(run.invalid_step[seen].min())
+        first = int(torch.nonzero((run.invalid_step == step).reshape(-1))[0])
+        where = logits_location(first, run.invalid_step.shape)
+        raise ValueError(f"at step {step}, the model's logits predicting the token {where} of the sequence (prompt "
+                         "included) held NaN or +inf, or were all -inf after `suppress_tokens` and the top-k / "
+                         "top-p / min-p filters (or overflowed at this temperature / `cfg_scale`): no token can be "
+                         "drawn there.")
 
     @staticmethod
     def _confidence_suppress(enabled: bool, eos_ids: list[int], temperature, device) -> Optional[torch.Tensor]:

@@ -91,6 +91,10 @@ class BlockDiffusionSchedulerOutput:
             whose logits held NaN / +inf).
         confidence: fp32, the confidence of ``tokens`` (``-inf`` where nothing was predicted;
             for ``"origin"``, the uniform of the reveal coin).
+        invalid_index: bool, predicted positions whose logits row was invalid (NaN / +inf, or
+            entirely -inf after the filters and ``suppress_tokens``: the op returned -1). They
+            are never committed nor edited, so ``x`` holds only the ids it held or valid
+            predictions; the caller decides how to report them (the pipeline raises).
     """
 
     x: torch.LongTensor
@@ -98,6 +102,7 @@ class BlockDiffusionSchedulerOutput:
     edit_index: torch.BoolTensor
     tokens: torch.LongTensor
     confidence: torch.Tensor
+    invalid_index: Optional[torch.BoolTensor] = None
 
 
 class BlockDiffusionScheduler(SchedulerConfigMixin):
@@ -360,8 +365,10 @@ class BlockDiffusionScheduler(SchedulerConfigMixin):
             step_index = self._count_index
         if self.remasking == "sequential":
             commit = self._sequential(masked, self.num_transfer(masked, step_index))
+            predicted = commit
             tokens, conf = ops.predict_tokens(logits, commit, confidence="prob", **predict)
         elif self.remasking == "origin":
+            predicted = masked
             tokens, coin = ops.predict_tokens(logits, masked, confidence="random", **predict)
             conf = coin
             probability = self.reveal_probability(step_index)
@@ -370,18 +377,21 @@ class BlockDiffusionScheduler(SchedulerConfigMixin):
             else:  # u < p, written as -u > -p (exact in fp32); no floor of one
                 commit = ops.select_transfer(-coin, masked, threshold=-probability, min_transfer=0, backend=backend)
         else:
-            mask = masked if editable is None else masked | editable
+            mask = predicted = masked if editable is None else masked | editable
             tokens, conf = ops.predict_tokens(logits, mask, confidence=REMASKING[self.remasking], **predict)
             commit = ops.select_transfer(conf, masked, backend=backend, **self._selection(masked, step_index, seed,
                                                                                         offset, generator))
+        # an invalid row (the op's -1) is never written: the sequence only ever holds valid ids
+        invalid = (tokens < 0) & predicted
+        commit = commit & ~invalid
         if editable is not None:
-            edits = ops.select_edits(tokens, conf, x_block, editable, self.editing_threshold)
+            edits = ops.select_edits(tokens, conf, x_block, editable, self.editing_threshold) & ~invalid
             x_new = torch.where(commit | edits, tokens, x_block)
         else:
             edits = torch.zeros_like(commit)
             x_new = torch.where(commit, tokens, x_block)
         return BlockDiffusionSchedulerOutput(x=x_new, transfer_index=commit, edit_index=edits, tokens=tokens,
-                                             confidence=conf)
+                                             confidence=conf, invalid_index=invalid)
 
     def _selection(self, masked, step_index, seed, offset, generator) -> dict:
         """The keyword arguments of ``select_transfer`` for the confidence rules."""

@@ -12,6 +12,11 @@ Each round (batch 1):
    it (the bonus); both KV caches are cropped back to the committed positions and the draft
    cache receives the features of the newly committed ones.
 
+A draft proposal that is not a valid id (the draft's logits held NaN / +inf or were all -inf,
+so :func:`ddiff.sample` returned -1) counts as rejected: it is never fed to the target (the
+pending token stands in for it) and acceptance stops before it, so a broken draft only slows
+decoding. ``draft_tokens`` in the callback shows such proposals as -1.
+
 Because the target's choice at position ``t`` is a pure function of (logits, seed, ``t``), the
 output does not depend on what the draft proposed: greedy output equals the target's own greedy
 decoding, and with a seed every ``block_size`` (``1`` = plain target sampling) gives the same
@@ -38,7 +43,7 @@ import torch
 
 from ddiff import ops, sync_checks
 from ddiff._backend import BACKENDS
-from ddiff._checks import logits_location
+from ddiff._checks import check_seed, logits_location
 from ddiff.pipelines.dflash_model import DFlashDraftModel, check_draft_target, target_features
 from ddiff.pipelines.utils import (
     DiscreteDiffusionPipelineOutput,
@@ -226,8 +231,8 @@ class DFlashPipeline(ProgressBarMixin):
             raise ValueError(f"`top_k` must be None or an int >= 0, got {top_k!r}.")
         if top_p is not None and (not is_real(top_p) or not 0 < top_p <= 1):
             raise ValueError(f"`top_p` must be None or a number in (0, 1], got {top_p!r}.")
-        if seed is not None and not is_int(seed):
-            raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
+        if seed is not None:
+            check_seed("seed", seed)  # any integer type in [-2**63, 2**64), as every op
         if block_size is not None and (not is_int(block_size) or block_size < 1):
             raise ValueError(f"`block_size` must be None or an int >= 1, got {block_size!r}.")
         token_id_list(stop_token_ids, "stop_token_ids")
@@ -338,7 +343,11 @@ class DFlashPipeline(ProgressBarMixin):
         return host, torch.cat(tokens)
 
     def _propose(self, pending: Tensor, start: int, length: int, cache) -> Tensor:
-        """Greedy draft tokens ``[length - 1]`` for positions ``start + 1 ...`` (the cache is left as it was)."""
+        """Greedy draft tokens ``[length - 1]`` for positions ``start + 1 ...`` (the cache is left as it was).
+
+        An invalid proposal (the draft's logits row held NaN / +inf or was all -inf, so
+        :func:`ddiff.sample` gave -1, or an id the target does not embed) comes back as -1: a
+        rejected proposal, never equal to the target's choice and never fed to the target."""
         draft, target = self.draft_model, self.target_model
         block = torch.full((1, length), draft.mask_token_id, dtype=torch.int64, device=pending.device)
         block[0, 0] = pending
@@ -350,7 +359,10 @@ class DFlashPipeline(ProgressBarMixin):
         logits = head(hidden[0, 1:].to(head.weight.dtype))
         if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             logits = logits.float()
-        return ops.sample(logits, temperature=0.0, seed=0, offset=start + 1, backend=self.backend)
+        tokens = ops.sample(logits, temperature=0.0, seed=0, offset=start + 1, backend=self.backend)
+        vocab = model_vocab_size(target)
+        bad = tokens < 0 if vocab is None else (tokens < 0) | (tokens >= vocab)
+        return torch.where(bad, torch.full_like(tokens, -1), tokens)
 
     # ------------------------------------------------------------------------------------------
     # call
@@ -384,7 +396,8 @@ class DFlashPipeline(ProgressBarMixin):
             seed: with ``temperature > 0``, the token at absolute position ``t`` is drawn with
                 ``ddiff.sample(..., seed=seed, offset=t)``, so the output is the same for every
                 ``block_size``. Without a seed one is drawn from torch's default generator
-                (``torch.manual_seed`` makes runs repeat).
+                (``torch.manual_seed`` makes runs repeat). Any integer type in
+                ``[-2**63, 2**64)`` (the ops' seed rule; else ValueError).
             block_size: tokens per verification block (default: the draft's; 1 runs the target
                 alone, token by token).
             stop_token_ids: stop after any of these ids (default: the target's
@@ -413,7 +426,9 @@ class DFlashPipeline(ProgressBarMixin):
         device = self._execution_device
         bs = self.draft_model.block_size if block_size is None else block_size
         stop_ids = set(self._stop_ids(stop_token_ids))
-        if temperature > 0 and seed is None:
+        if seed is not None:
+            seed = check_seed("seed", seed)
+        elif temperature > 0:
             seed = int(torch.randint(0, 2**63 - 1, (1,)).item())
         prompt_ids = self.encode_prompt(prompt, input_ids, use_chat_template, enable_thinking, device)
         check_token_ids("input_ids" if input_ids is not None else "prompt", prompt_ids,
@@ -459,7 +474,9 @@ class DFlashPipeline(ProgressBarMixin):
                     if length > 1:
                         drafts = self._propose(pending, start, length, draft_cache)
                         nfe_draft += 1
-                        block = torch.cat([pending, drafts])
+                        # a rejected (-1) proposal is never fed to the target: the pending token stands in
+                        # for it, and only positions before the first rejection can be accepted
+                        block = torch.cat([pending, torch.where(drafts < 0, pending, drafts)])
                     else:
                         drafts = pending.new_empty(0)
                         block = pending

@@ -17,13 +17,14 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ddiff._backend import BACKENDS
-from ddiff._checks import logits_location
+from ddiff._checks import check_seed, logits_location
 from ddiff._params import sync_checks
 from ddiff.denoiser import attention_pattern, block_causal_mask, crop_cache, denoiser_logits, new_cache
 from ddiff.ops.sampling import InvalidLogitsError
 from ddiff.pipelines.token_diffusion_scheduler import FORWARD_PROCESSES, TokenDiffusionScheduler
-from ddiff.pipelines.utils import (DiscreteDiffusionPipelineOutput, ProgressBarMixin, check_token_ids,
-                                   decode_sequences, execution_device, model_vocab_size, run_callback)
+from ddiff.pipelines.utils import (DiscreteDiffusionPipelineOutput, ProgressBarMixin, check_callback_ids,
+                                   check_token_ids, decode_sequences, execution_device, is_int, model_output_size,
+                                   model_vocab_size, run_callback)
 
 Tensor = torch.Tensor
 TOP_P_MODES = ("inclusive", "bd3lm")
@@ -71,7 +72,14 @@ class TokenDiffusionPipeline(ProgressBarMixin):
 
     * Steps go from t = 1 to t = 0 on ``num_inference_steps`` equal intervals; step ``k`` uses
       ``offset = k`` with one seed, so every step draws fresh noise and a seed fixes the run on
-      either backend.
+      either backend. (With blocks, ``k`` counts the scheduled steps of the earlier blocks, so a
+      block that stops early never shifts a later block's draws.)
+    * Early stop (absorbing): a block stops stepping once none of its positions to generate is
+      a mask, since an absorbing step only ever changes masks: nothing can change any more
+      (``steps`` then counts the steps taken). The uniform and hybrid processes run every step:
+      their posterior may resample or re-mask any token until t = 0. (``first_hitting`` takes one
+      step per masked position.) The check reads one flag per step, in the same host read that
+      decides whether the logits can be reused.
     * Logits caching (MDLM's ``ddpm_cache``): when a step changes no position, the next step
       reuses the logits instead of calling the model, so ``nfe <= num_inference_steps``.
     * ``block_size`` turns on semi-autoregressive block-wise sampling (the seed's
@@ -101,10 +109,20 @@ class TokenDiffusionPipeline(ProgressBarMixin):
       ``[B, seq_len]``, True = generate, as in the seed) fixes every other position to its
       token in ``infill_ids`` (``[B or 1, seq_len]``) or in the prefix. Fixed tokens never change.
     * ``callback_on_step_end(pipe, step, t, {"x": x, "block_start": s, "block_end": e})`` (as in
-      ``BlockDiffusionPipeline``; ``t`` is the time reached) may return ``{"x": new_x}``; fixed
-      tokens are re-imposed on it.
-    * On CUDA the ops run without host-syncing value checks (``ddiff.sync_checks(False)``);
-      invalid logits then surface once, after the loop (absorbing: a position still masked).
+      ``BlockDiffusionPipeline``; ``t`` is the time reached) may return ``{"x": new_x}``: a
+      ``torch.Tensor`` of an integer dtype shaped like ``x`` with ids in ``[0, vocab_size)``
+      (else TypeError / ValueError naming ``callback_on_step_end``); fixed tokens are
+      re-imposed on it. ``{"x": None}`` changes nothing.
+    * ``prefix_ids`` / ``infill_ids`` must hold integers (``[1.5]`` is a TypeError, not token 1);
+      ``seq_len`` must fit the model's context (``config.max_position_embeddings``).
+    * Ids are drawn in ``[0, vocab_size)`` only: logit columns past it (a padded head) are never
+      sampled.
+    * Invalid logits (NaN / +inf, or entirely -inf after top-p) raise a ValueError. On CPU the
+      ops' own checks raise it; on CUDA the ops run without host-syncing value checks
+      (``ddiff.sync_checks(False)``): a uniform or hybrid step then returns -1 at an invalid row,
+      which is never written into the sequence (nor fed to the model) and raises, naming the
+      step, batch row and position, at that step's host read; an absorbing step leaves the
+      position masked and the check after the loop names it.
 
     Differences from the published samplers (the posterior and the nucleus are theirs):
 
@@ -171,7 +189,10 @@ class TokenDiffusionPipeline(ProgressBarMixin):
         ``scheduler_config.json``. ``dtype`` (default: the stored one; ``torch_dtype`` is its
         deprecated name) and ``device`` place the model. ``overrides`` replace scheduler fields
         (``process``, ``alpha_schedule``, ...). Errors name the path, file or key at fault (see
-        :mod:`ddiff.pipelines.loading`); nothing is downloaded."""
+        :mod:`ddiff.pipelines.loading`); nothing is downloaded. The stored ``vocab_size`` must not
+        exceed the model's output logits and, when the checkpoint holds a tokenizer, must equal
+        its length (what ``ddiff.train`` writes): a ValueError otherwise (a scheduler config from
+        another run)."""
         from transformers import AutoTokenizer
 
         from ddiff.pipelines.loading import load_transformers_model, read_json, resolve_checkpoint_dir, resolve_dtype
@@ -187,6 +208,14 @@ class TokenDiffusionPipeline(ProgressBarMixin):
             for file in tokenizer_files:
                 read_json(file)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        stored, head = sched["vocab_size"], model_output_size(model)
+        if head is not None and stored > head:
+            raise ValueError(f"{os.path.join(path, 'scheduler_config.json')}: vocab_size={stored} exceeds the "
+                             f"model's {head} output logits; the scheduler config does not belong to these weights.")
+        if tokenizer is not None and len(tokenizer) != stored:
+            raise ValueError(f"{os.path.join(path, 'scheduler_config.json')}: vocab_size={stored} but the "
+                             f"checkpoint's tokenizer has {len(tokenizer)} tokens (ddiff.train writes the tokenizer's "
+                             "length); the scheduler config does not belong to this checkpoint.")
         kwargs = dict(process=sched["forward_process"], mask_token_id=sched["mask_token_id"],
                       alpha_schedule=sched["alpha_schedule"], eps=sched["eps"], vocab_size=sched["vocab_size"],
                       mask_fraction=sched["mask_fraction"])
@@ -200,10 +229,12 @@ class TokenDiffusionPipeline(ProgressBarMixin):
     @staticmethod
     def _as_ids(name, value, batch_size, device, max_len=None) -> Tensor:
         if not isinstance(value, torch.Tensor):
-            try:
-                value = torch.tensor(value, dtype=torch.long)
+            try:  # no dtype: a float such as 1.5 must be refused, not truncated to 1
+                value = torch.tensor(value)
             except Exception:
                 raise TypeError(f"`{name}` must be a LongTensor or a (nested) list of ints.") from None
+            if value.numel() == 0:  # [] is float by default
+                value = value.long()
         if value.dtype.is_floating_point or value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"`{name}` must hold integer token ids, got {value.dtype}.")
         if value.dim() == 1:
@@ -236,8 +267,8 @@ class TokenDiffusionPipeline(ProgressBarMixin):
             raise ValueError("`first_hitting` is defined for the absorbing process only.")
         if seed is not None and generator is not None:
             raise ValueError("pass either `seed` or `generator`, not both.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
-            raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
+        if seed is not None:
+            check_seed("seed", seed)  # any integer type in [-2**63, 2**64), as every op
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
         if output_type not in ("text", "ids"):
@@ -303,7 +334,7 @@ class TokenDiffusionPipeline(ProgressBarMixin):
 
     def _resolve_seed(self, seed, generator, device) -> int:
         if seed is not None:
-            return int(seed)
+            return check_seed("seed", seed)
         gen_device = generator.device if generator is not None else device
         drawn = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device)
         return int(drawn.item())
@@ -351,6 +382,10 @@ class TokenDiffusionPipeline(ProgressBarMixin):
                           callback_on_step_end)
         if top_p_mode is not None and top_p_mode not in TOP_P_MODES:
             raise ValueError(f"`top_p_mode` must be None or one of {TOP_P_MODES}, got {top_p_mode!r}.")
+        context = self._context_length()
+        if context is not None and seq_len > context:
+            raise ValueError(f"`seq_len` ({seq_len}) exceeds the model's context of {context} positions "
+                             "(config.max_position_embeddings).")
         device = execution_device(self.model)
         sched = self.scheduler
         fixed, values = self._fixed_tokens(batch_size, seq_len, prefix_ids, infill_mask, infill_ids, device)
@@ -382,6 +417,7 @@ class TokenDiffusionPipeline(ProgressBarMixin):
         bar = self.progress_bar(total=sum(budgets), defaults={"desc": "token diffusion", "leave": False},
                                 **({} if progress else {"disable": True}))
         nfe, step, block_times = 0, 0, []
+        planned = 0  # offset of the block's first step as scheduled: an early stop never shifts later draws
         try:
             with sync_checks(device.type != "cuda"):  # host syncs are free on CPU: keep the checks there
                 for (start, end), budget in zip(active, budgets):
@@ -402,9 +438,9 @@ class TokenDiffusionPipeline(ProgressBarMixin):
                             new = sched.first_hitting_step(logits, xw, temperature=temperature, top_p=top_p,
                                                            top_p_mode=top_p_mode, seed=seed_value, offset=step,
                                                            backend=self.backend, can_change=can_change)
-                            x, logits = self._commit(x, new, start, end, fixed, values, logits)
-                            x, logits = self._callback(callback_on_step_end, step, t, x, start, end, fixed, values,
-                                                       logits)
+                            x, logits, _ = self._commit(x, new, start, end, fixed, values, logits, step)
+                            x, logits, _ = self._callback(callback_on_step_end, step, t, x, start, end, fixed,
+                                                          values, logits)
                             step += 1
                             bar.update(1)
                     else:
@@ -417,15 +453,20 @@ class TokenDiffusionPipeline(ProgressBarMixin):
                                 nfe += 1
                             new = sched.step(logits, x[:, start:end], alphas[k], alphas[k + 1],
                                              temperature=temperature, top_p=top_p, top_p_mode=top_p_mode,
-                                             seed=seed_value, offset=step, backend=self.backend)
-                            x, logits = self._commit(x, new, start, end, fixed, values, logits)
-                            x, logits = self._callback(callback_on_step_end, step, times[k + 1], x, start, end, fixed,
-                                                       values, logits)
+                                             seed=seed_value, offset=planned + k, backend=self.backend)
+                            x, logits, left = self._commit(x, new, start, end, fixed, values, logits, step)
+                            x, logits, replaced = self._callback(callback_on_step_end, step, times[k + 1], x, start,
+                                                                 end, fixed, values, logits)
+                            if replaced:
+                                left = self._can_change(x, start, end, fixed)
                             step += 1
                             bar.update(1)
+                            if not left:  # absorbing: no mask left in the block, nothing can change any more
+                                break
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     block_times.append(time.perf_counter() - started)
+                    planned += budget
         except InvalidLogitsError as error:  # the ops saw the active window's columns: report sequence positions
             if error.leading_shape is None or len(error.leading_shape) != 2:
                 raise
@@ -442,23 +483,60 @@ class TokenDiffusionPipeline(ProgressBarMixin):
         texts = decode_sequences(self.tokenizer, x) if output_type == "text" else None
         return TokenDiffusionPipelineOutput(sequences=x, texts=texts, nfe=nfe, steps=step, block_times=block_times)
 
-    @staticmethod
-    def _commit(x, new, start, end, fixed, values, logits):
-        """Write the window back, re-impose fixed tokens, and drop the logits if anything changed."""
-        new = torch.where(fixed[:, start:end], values[:, start:end], new)
-        if not torch.equal(new, x[:, start:end]):
+    def _commit(self, x, new, start, end, fixed, values, logits, step):
+        """Write the window back, re-impose fixed tokens, and drop the logits if anything changed.
+
+        Returns ``(x, logits, left)``; ``left`` is False once nothing can change in the window
+        (absorbing: no mask left at a position to generate; always True for uniform / hybrid).
+        A position to generate whose logits row was invalid (the step's ``-1``) is never written:
+        the ValueError names the step, the batch row and the position. One host read per step
+        (the same one that decides whether the logits can be reused)."""
+        old, keep = x[:, start:end], fixed[:, start:end]
+        invalid = (new < 0) & ~keep
+        new = torch.where(keep, values[:, start:end], torch.where(invalid, old, new))
+        flags = [invalid.any(), (new != old).any()]
+        if self.process == "absorbing":
+            flags.append(((new == self.scheduler.mask_token_id) & ~keep).any())
+        flags = torch.stack(flags).tolist()
+        if flags[0]:
+            b, col = (int(i) for i in torch.nonzero(invalid)[0])
+            where = logits_location(b * x.shape[1] + start + col, x.shape)
+            raise ValueError(f"at step {step}, the model's logits predicting the token {where} held NaN or +inf "
+                             "(or were entirely -inf after top-p): no token can be drawn there.")
+        if flags[1]:
             logits = None
         x = x.clone()
         x[:, start:end] = new
-        return x, logits
+        return x, logits, flags[2] if self.process == "absorbing" else True
+
+    def _can_change(self, x, start, end, fixed) -> bool:
+        """Whether a step can still change the window (see :meth:`_commit`); one host read."""
+        if self.process != "absorbing":
+            return True
+        return bool(((x[:, start:end] == self.scheduler.mask_token_id) & ~fixed[:, start:end]).any())
+
+    def _context_length(self):
+        config = getattr(self.model, "config", None)
+        if config is not None and hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        for name in ("max_position_embeddings", "max_sequence_length", "n_positions"):
+            value = getattr(config, name, None)
+            if is_int(value):
+                return int(value)
+        return None
 
     def _callback(self, callback, step, t, x, start, end, fixed, values, logits):
+        """Run ``callback_on_step_end``; returns ``(x, logits, replaced)``. A returned ``x`` must
+        be an integer tensor shaped like ``x`` with ids in ``[0, vocab_size)`` (checked: one host
+        read); fixed tokens are re-imposed on it."""
         if callback is None:
-            return x, logits
+            return x, logits, False
         out = run_callback(callback, self, step, t, {"x": x, "block_start": start, "block_end": end})
-        if out.get("x") is not None:
-            new = torch.where(fixed, values, out["x"].to(x.device))
-            if not torch.equal(new, x):
-                logits = None
-            x = new
-        return x, logits
+        if out.get("x") is None:
+            return x, logits, False
+        given = check_callback_ids(out["x"], x, self.scheduler.vocab_size,
+                                   what=f"the ids of the {self.process} process")
+        new = torch.where(fixed, values, given)
+        if not torch.equal(new, x):
+            logits = None
+        return new, logits, True

@@ -227,8 +227,16 @@ class TokenDiffusionScheduler(SchedulerConfigMixin):
         crosses ``top_p`` is kept) or ``"bd3lm"`` (BD3LM's nucleus: a token is kept when the
         cumulative probability including its own is at most ``top_p``, and the top one always).
         ``temperature = 0`` (greedy) is only defined for "absorbing".
+
+        Logit columns past ``vocab_size`` (padding of the model's head) are never sampled: the
+        step returns ids in ``[0, vocab_size)`` only. A position whose logits row is invalid
+        (NaN / +inf, or entirely -inf after the filters) comes back as ``-1`` from the uniform
+        and hybrid steps (as from :func:`ddiff.sample`) and stays the mask from the absorbing one
+        (as from :func:`ddiff.mdlm_step`) when the ops' value checks are off; with them on the
+        ops raise.
         """
         alpha_t, alpha_s = _as_float(alpha_t), _as_float(alpha_s)
+        logits = self._process_columns(logits)
         if self.forward_process == "absorbing":
             return ddiff.mdlm_step(logits, x_t, self.mask_token_id, alpha_t, alpha_s, temperature=temperature,
                                    top_p=top_p, top_p_mode=top_p_mode, seed=seed, offset=offset, backend=backend)
@@ -243,6 +251,10 @@ class TokenDiffusionScheduler(SchedulerConfigMixin):
             return ddiff.udlm_step(z, x_t, alpha_t, alpha_s, seed=seed, offset=offset, backend=backend)
         return self._hybrid_step(logits, x_t, alpha_t, alpha_s, temperature, top_p, top_p_mode, seed, offset,
                                  backend)
+
+    def _process_columns(self, logits: Tensor) -> Tensor:
+        """The logits' first ``vocab_size`` columns (a view; the model's head may have more)."""
+        return logits[..., : self.vocab_size] if logits.shape[-1] > self.vocab_size else logits
 
     def hybrid_posterior_weights(self, p_xt: Tensor, is_mask: Tensor, alpha_t, alpha_s) -> Tensor:
         """Unnormalised weights ``[..., 4]`` of (draw from x̂_0, uniform non-mask, the mask, keep x_t).
@@ -300,6 +312,9 @@ class TokenDiffusionScheduler(SchedulerConfigMixin):
             flat = torch.zeros(1, k, device=logits.device).expand(uniform_rows.numel(), k)
             j = ddiff.sample(flat, seed=seed, offset=offset + _AUX_UNIFORM_TOKEN * AUX_OFFSET, backend=backend)
             out[uniform_rows] = j + (j >= m).long()
+        # an invalid logits row gives NaN weights (part -1) or an invalid x̂_0 draw (token -1):
+        # report -1 there, as the ops do, never a token picked from garbage
+        out = torch.where(part < 0, torch.full_like(out, -1), out)
         return out.view(x_t.shape)
 
     # -----------------------------------------------------------------------------------------
@@ -322,6 +337,7 @@ class TokenDiffusionScheduler(SchedulerConfigMixin):
             raise ValueError("the first-hitting sampler is defined for the absorbing process only.")
         if offset >= AUX_OFFSET:
             raise ValueError(f"`offset` must be < 2^48, got {offset}.")
+        logits = self._process_columns(logits)
         masked = x_t == self.mask_token_id
         if can_change is not None:
             masked = masked & can_change
@@ -346,7 +362,9 @@ class TokenDiffusionScheduler(SchedulerConfigMixin):
         from ddiff.reference.decoding import row_uniform
         from ddiff.reference.rng import STREAM_POSTERIOR
 
-        seeds = torch.full(num_masked.shape, seed, dtype=torch.int64, device=num_masked.device)
+        from ddiff._checks import seed_int64
+
+        seeds = torch.full(num_masked.shape, seed_int64("seed", seed), dtype=torch.int64, device=num_masked.device)
         u = row_uniform(seeds, offset + _AUX_TIME * AUX_OFFSET, STREAM_POSTERIOR).double()
         n = num_masked.double()
         factor = torch.where(n > 0, u ** (1.0 / n.clamp_min(1.0)), torch.ones_like(u))

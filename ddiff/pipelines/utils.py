@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "DiscreteDiffusionPipelineOutput",
     "ProgressBarMixin",
+    "check_callback_ids",
     "check_left_padded",
     "check_token_ids",
     "decode_sequences",
@@ -25,6 +26,7 @@ __all__ = [
     "is_int",
     "is_real",
     "model_dtype",
+    "model_output_size",
     "model_vocab_size",
     "run_callback",
     "token_id_list",
@@ -168,6 +170,22 @@ def model_vocab_size(model) -> Optional[int]:
     return int(size) if is_int(size) else None
 
 
+def model_output_size(model) -> Optional[int]:
+    """The number of logit columns ``model`` produces: its output embedding's ``out_features``
+    (``num_embeddings`` for a tied embedding), else :func:`model_vocab_size`, else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            head = get()
+        except (NotImplementedError, AttributeError, TypeError):
+            head = None
+        for attr in ("out_features", "num_embeddings"):
+            size = getattr(head, attr, None)
+            if is_int(size):
+                return int(size)
+    return model_vocab_size(model)
+
+
 def check_token_ids(name: str, ids: torch.Tensor, vocab: Optional[int], where: Optional[torch.Tensor] = None, *,
                     what: str = "the model's vocabulary") -> None:
     """Raise ValueError naming ``name`` unless every id of ``ids`` (where ``where`` is True, if
@@ -188,11 +206,37 @@ def check_token_ids(name: str, ids: torch.Tensor, vocab: Optional[int], where: O
     raise ValueError(f"`{name}` holds token id {int(ids[tuple(index)])}{at}, outside {limit}.")
 
 
+def check_callback_ids(ids, like: torch.Tensor, vocab: Optional[int], *, what: str = "the model's vocabulary"
+                       ) -> torch.Tensor:
+    """The ``x`` a ``callback_on_step_end`` returned, checked against the sequence ``like`` it
+    replaces: a ``torch.Tensor`` (TypeError otherwise) of an integer dtype (not bool; TypeError),
+    shaped like ``like`` (ValueError) with every id in ``[0, vocab)`` (ValueError naming batch and
+    position; one host sync). Returned as int64 on ``like``'s device."""
+    name = "the `x` returned by `callback_on_step_end`"
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}.")
+    if ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}.")
+    if tuple(ids.shape) != tuple(like.shape):
+        raise ValueError(f"{name} must have the shape of `x`, {tuple(like.shape)}, got {tuple(ids.shape)}.")
+    ids = ids.to(device=like.device, dtype=torch.int64)
+    check_token_ids("callback_on_step_end`'s `x", ids, vocab, what=what)
+    return ids
+
+
 def check_left_padded(attention_mask: torch.Tensor) -> None:
-    """Raise unless every row of a 0/1 ``[B, P]`` mask is zeros then ones (left padding)."""
+    """Raise unless every row of a 0/1 ``[B, P]`` mask is zeros then ones (left padding).
+
+    The values are checked before any cast: a bool, integer or floating mask must hold exactly
+    0 and 1 (``0.5`` or NaN is a ValueError, not truncated to 0); a complex mask is a TypeError."""
+    if attention_mask.is_complex():
+        raise TypeError(f"`attention_mask` must be a bool, integer or float tensor of 0 / 1, got "
+                        f"{attention_mask.dtype}.")
+    if attention_mask.dtype != torch.bool and attention_mask.numel() \
+            and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
+        raise ValueError(f"`attention_mask` must hold only 0 and 1, got {bad!r}.")
     m = attention_mask.to(torch.int64)
-    if bool(((m != 0) & (m != 1)).any()):
-        raise ValueError("`attention_mask` must hold only 0 and 1.")
     if m.shape[1] > 1 and bool((m[:, 1:] < m[:, :-1]).any()):
         raise ValueError(
             "`attention_mask` must be left-padded (each row zeros, then ones): right padding would put "

@@ -11,7 +11,9 @@ weights up to float rounding), built on :mod:`ddiff.torch_fast.sampling`:
   distribution (``"sampling"``, or ``"raw"`` at temperature 1 without filters) and otherwise
   takes one log-sum-exp over its own distribution;
 * the per-row posterior arithmetic of ``udlm_step`` runs in float64 where the device has it
-  (as the reference), in fp32 on MPS.
+  (as the reference), in fp32 on MPS;
+* rows run in chunks of bounded working memory (``ddiff.torch_fast.sampling.row_chunks``; a
+  chunk of picked rows is gathered chunk by chunk), with the same results bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from ddiff.torch_fast.sampling import (
     filter_threshold,
     host_readable,
     race,
+    row_chunks,
+    suppress_columns_,
     tempered_tiles,
 )
 
@@ -72,7 +76,7 @@ def _suppressed(x: Tensor, ids: Optional[Tensor], owned: bool) -> Tensor:
     """``x`` with the ``ids`` columns at -inf (in place when the caller owns ``x``)."""
     if ids is None or ids.numel() == 0:
         return x
-    return (x if owned else x.clone()).index_fill_(1, ids, NEG_INF)
+    return suppress_columns_(x if owned else x.clone(), ids, x.shape[1])
 
 
 def predict_rows(x: Tensor, params: RowParams, offset: int, *, suppress: Optional[Tensor], owned: bool,
@@ -112,7 +116,7 @@ def predict_rows(x: Tensor, params: RowParams, offset: int, *, suppress: Optiona
         if same_dist:
             # The race is done with the tempered copy: the confidence may overwrite it.
             log_norm = tiles.log_norm() if confidence == "prob" and not has_conf_ids else None
-            dist = tiles.zp.index_fill_(1, confidence_suppress, NEG_INF) if has_conf_ids else tiles.zp
+            dist = suppress_columns_(tiles.zp, confidence_suppress, tiles.vocab) if has_conf_ids else tiles.zp
         else:
             dist = x.float()
             if has_conf_ids:
@@ -120,6 +124,31 @@ def predict_rows(x: Tensor, params: RowParams, offset: int, *, suppress: Optiona
             log_norm = None
         conf = _confidence(dist, tokens, confidence, log_norm)
     return tokens, conf, argmax, bad
+
+
+def _predict_chunked(logits2d: Tensor, picked: Optional[Tensor], params: RowParams, offset: int, *,
+                     suppress: Optional[Tensor], confidence: Optional[str], confidence_from: str = "raw",
+                     confidence_suppress: Optional[Tensor] = None, return_argmax: bool = False):
+    """:func:`predict_rows` of the rows ``picked`` of ``logits2d`` (None: every row; ``params`` are
+    theirs), in row chunks of bounded memory; a chunk of picked rows is gathered on its own."""
+    n = logits2d.shape[0] if picked is None else picked.shape[0]
+    chunks = row_chunks(logits2d, n)
+    kwargs = dict(suppress=suppress, confidence=confidence, confidence_from=confidence_from,
+                  confidence_suppress=confidence_suppress, return_argmax=return_argmax)
+    if len(chunks) == 1:
+        x = logits2d if picked is None else logits2d.index_select(0, picked)
+        return predict_rows(x, params, offset, owned=picked is not None, **kwargs)
+    out = None
+    for start, stop in chunks:
+        x = logits2d[start:stop] if picked is None else logits2d.index_select(0, picked[start:stop])
+        part = predict_rows(x, params.chunk(start, stop), offset, owned=picked is not None, **kwargs)
+        del x
+        if out is None:
+            out = [None if p is None else p.new_empty((n,) + tuple(p.shape[1:])) for p in part]
+        for buffer, p in zip(out, part):
+            if buffer is not None:
+                buffer[start:stop] = p
+    return tuple(out)
 
 
 def _picked_rows(mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -145,19 +174,16 @@ def predict_tokens(logits2d: Tensor, mask: Optional[Tensor], suppress: Optional[
     device = logits2d.device
     params = RowParams(rows, vocab, device, temperature, top_k, top_p, min_p, seed, top_p_mode=top_p_mode)
     picked = _picked_rows(mask)
-    if picked is None:
-        x, owned = logits2d, False
-    else:
+    if picked is not None:
         params = params.select(picked)
-        x, owned = logits2d.index_select(0, picked), True
-    if x.shape[0] == 0:
+    if (rows if picked is None else picked.shape[0]) == 0:
         tokens = torch.full((rows,), -1, dtype=torch.int64, device=device)
         conf = torch.full((rows,), NEG_INF, dtype=torch.float32, device=device)
         return tokens, conf, (tokens.clone() if return_argmax else None), torch.zeros(rows, dtype=torch.bool,
                                                                                        device=device)
-    tokens, conf, argmax, bad = predict_rows(x, params, offset, suppress=suppress, owned=owned, confidence=confidence,
-                                             confidence_from=confidence_from, confidence_suppress=confidence_suppress,
-                                             return_argmax=return_argmax)
+    tokens, conf, argmax, bad = _predict_chunked(logits2d, picked, params, offset, suppress=suppress,
+                                                 confidence=confidence, confidence_from=confidence_from,
+                                                 confidence_suppress=confidence_suppress, return_argmax=return_argmax)
     if picked is None:
         if mask is None or host_readable(mask):
             return tokens, conf, argmax, bad
@@ -193,7 +219,7 @@ def mdlm_step(logits2d: Tensor, x_t: Tensor, mask_token_id: int, alpha_t: Tensor
         # No row indices off the host (a device sync): every row is drawn, the coin selects.
         reveal = (x_t == mask_token_id) & (row_uniform(params.seed, offset, STREAM_POSTERIOR, params.row_ids)
                                            < unmask_probability(alpha_t, alpha_s))
-        tokens, _, _, bad = predict_rows(logits2d, params, offset, suppress=suppress, owned=False, confidence=None)
+        tokens, _, _, bad = _predict_chunked(logits2d, None, params, offset, suppress=suppress, confidence=None)
         bad = bad & reveal
         return torch.where(reveal & ~bad, tokens, x_t), bad
     masked_rows = torch.nonzero(x_t == mask_token_id).squeeze(-1)
@@ -208,8 +234,7 @@ def mdlm_step(logits2d: Tensor, x_t: Tensor, mask_token_id: int, alpha_t: Tensor
     if picked.numel() == 0:
         return x_s, bad
     sub = params.select(picked)
-    tokens, _, _, sub_bad = predict_rows(logits2d.index_select(0, picked), sub, offset, suppress=suppress, owned=True,
-                                         confidence=None)
+    tokens, _, _, sub_bad = _predict_chunked(logits2d, picked, sub, offset, suppress=suppress, confidence=None)
     x_s.index_copy_(0, picked, torch.where(sub_bad, x_t[picked], tokens))
     return x_s, bad.index_copy_(0, picked, sub_bad)
 
@@ -221,10 +246,17 @@ def udlm_step(logits2d: Tensor, x_t: Tensor, alpha_t: Tensor, alpha_s: Tensor, s
     params = RowParams(rows, vocab, device, (None, 1.0), (None, 0), (None, 1.0), (None, 0.0), seed)
     if rows == 0:
         return x_t.clone(), torch.zeros(0, dtype=torch.bool, device=device)
-    tiles = tempered_tiles(logits2d, params.tempering(), None, unit_temperature=True)
-    model_tokens = race(tiles, params, offset, greedy=None, all_greedy=False)
-    p_xt = tiles.prob_of(x_t)
-    return udlm_choose(model_tokens, p_xt, x_t, alpha_t, alpha_s, vocab, params.seed, offset, params.row_ids), tiles.bad()
+    model_tokens = torch.empty(rows, dtype=torch.int64, device=device)
+    p_xt = torch.empty(rows, dtype=torch.float32, device=device)
+    bad = torch.empty(rows, dtype=torch.bool, device=device)
+    for start, stop in row_chunks(logits2d):
+        sub = params.chunk(start, stop)
+        tiles = tempered_tiles(logits2d[start:stop], sub.tempering(), None, unit_temperature=True)
+        model_tokens[start:stop] = race(tiles, sub, offset, greedy=None, all_greedy=False)
+        p_xt[start:stop] = tiles.prob_of(x_t[start:stop])
+        bad[start:stop] = tiles.bad()
+        del tiles
+    return udlm_choose(model_tokens, p_xt, x_t, alpha_t, alpha_s, vocab, params.seed, offset, params.row_ids), bad
 
 
 def udlm_choose(model_tokens, p_xt, x_t, alpha_t, alpha_s, vocab: int, seed, offset: int, row_ids: Tensor) -> Tensor:

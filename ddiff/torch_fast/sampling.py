@@ -21,6 +21,15 @@ How it differs from ``ddiff.reference.sampling`` (which defines the results):
 * Host decisions (is any row greedy, is any filter active, how long a head to take) read
   Python scalars, or per-row tensors on CPU, where reading costs no device sync; on other
   devices the general path runs without reading.
+* **Bounded memory: rows in chunks** (:func:`row_chunks`). Every op of this package runs on
+  chunks of rows whose working memory (the padded fp32 copy, its statistics' temporaries, a
+  sort) is about a quarter of the input's size, at least ``CHUNK_MIN_BYTES`` and at most
+  ``CHUNK_MAX_BYTES``: the memory an op needs beyond its input and its outputs stays within
+  1.5x the input's size (plus ``CHUNK_MIN_BYTES`` for small inputs), also at tiny
+  vocabularies whose rows are padded to a 1024-column tile. Chunking changes no result, bit
+  for bit: the noise is keyed by the global row index, a chunk takes the code path its whole
+  batch would (:meth:`RowParams.chunk`), and a chunk holds at least two rows (a multi-threaded
+  CPU reduction over a single row may sum in another order than the same row in a batch).
 """
 
 from __future__ import annotations
@@ -45,6 +54,23 @@ def host_readable(tensor: Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
+def suppress_columns_(x: Tensor, ids: Tensor, vocab: int) -> Tensor:
+    """``x[:, ids] = -inf`` in place; ids outside ``[0, vocab)`` are ignored, as the kernels do.
+
+    The public ops reject such ids while they can read them without a device sync; what gets
+    here unchecked (a device tensor inside ``ddiff.sync_checks(False)``) is handled on the
+    device: an invalid id is replaced by the first valid one (or, when none is valid, its column
+    is written back unchanged), so duplicate indices always write the same value.
+    """
+    valid = (ids >= 0) & (ids < vocab)
+    if host_readable(ids):
+        ids = ids[valid]
+        return x.index_fill_(1, ids, NEG_INF) if ids.numel() else x
+    first = ids.gather(0, valid.to(torch.int32).argmax().reshape(1))
+    idx = torch.where(valid, ids, first.clamp(0, max(vocab - 1, 0)))
+    return x.index_copy_(1, idx, torch.where(valid.any(), NEG_INF, x.index_select(1, idx)))
+
+
 class RowParams:
     """Per-row sampling parameters of ``n`` rows, kept as Python scalars where they are scalars.
 
@@ -60,6 +86,7 @@ class RowParams:
         seed_tensor, seed_value = seed
         self.seed = seed_value if seed_tensor is None else seed_tensor.to(torch.int64)
         self._row_ids = row_ids
+        self._decided: Optional[dict] = None  # a chunk's host flags: its whole batch's (see ``chunk``)
 
     def select(self, picked: Tensor) -> "RowParams":
         """The parameters of the rows ``picked`` (their noise keeps their original row ids)."""
@@ -70,6 +97,24 @@ class RowParams:
         return RowParams(picked.shape[0], self.vocab, self.device, params["temperature"], params["top_k"],
                          params["top_p"], params["min_p"], (seed if isinstance(seed, Tensor) else None, seed),
                          top_p_mode=self.top_p_mode, row_ids=self.row_ids[picked])
+
+    def chunk(self, start: int, stop: int) -> "RowParams":
+        """The parameters of rows ``start:stop``: their noise keeps their row ids, and the host
+        flags (``all_greedy`` ...) are the whole batch's, so a chunk takes the code path the
+        whole batch would (same tokens, same bits of every probability and confidence)."""
+        seed = self.seed
+        if isinstance(seed, Tensor) and seed.numel() > 1:
+            seed = seed[start:stop]
+        params = {k: (v[0][start:stop], v[1]) if v[0] is not None else v for k, v in self.params.items()}
+        out = RowParams(stop - start, self.vocab, self.device, params["temperature"], params["top_k"],
+                        params["top_p"], params["min_p"], (seed if isinstance(seed, Tensor) else None, seed),
+                        top_p_mode=self.top_p_mode, row_ids=self.row_ids[start:stop])
+        if self._decided is None:
+            self._decided = {"any_greedy": self.any_greedy(), "all_greedy": self.all_greedy(),
+                             "unit_temperature": self.unit_temperature(), "filter_flags": self.filter_flags(),
+                             "any_filter": self.any_filter()}
+        out._decided = self._decided
+        return out
 
     @property
     def row_ids(self) -> Tensor:
@@ -94,22 +139,32 @@ class RowParams:
         return bool(test(tensor).any())
 
     def any_greedy(self) -> Optional[bool]:
+        if self._decided is not None:
+            return self._decided["any_greedy"]
         return self._host("temperature", lambda t: t == 0)
 
     def all_greedy(self) -> Optional[bool]:
+        if self._decided is not None:
+            return self._decided["all_greedy"]
         hot = self._host("temperature", lambda t: t != 0)
         return None if hot is None else not hot
 
     def unit_temperature(self) -> bool:
         """Every row is divided by exactly 1 (temperature 1, or greedy)."""
+        if self._decided is not None:
+            return self._decided["unit_temperature"]
         return self._host("temperature", lambda t: (t != 0) & (t != 1)) is False
 
     def filter_flags(self) -> dict:
         """Per filter: does any row use it (True / False, None: unknown without a device sync)?"""
+        if self._decided is not None:
+            return dict(self._decided["filter_flags"])
         return {"top_k": self._host("top_k", lambda k: (k > 0) & (k < self.vocab)),
                 "top_p": self._host("top_p", lambda p: p < 1), "min_p": self._host("min_p", lambda m: m > 0)}
 
     def any_filter(self) -> Optional[bool]:
+        if self._decided is not None:
+            return self._decided["any_filter"]
         flags = list(self.filter_flags().values())
         if any(flags):
             return True
@@ -330,7 +385,7 @@ def tempered_tiles(x: Tensor, t: Tensor, theta: Optional[Tensor], *, unit_temper
     if theta is not None:
         z.masked_fill_(x < theta[:, None], NEG_INF)
     if suppress is not None and suppress.numel():
-        zp.index_fill_(1, suppress, NEG_INF)
+        suppress_columns_(zp, suppress, vocab)
     view = zp.view(n, tiles, NOISE_TILE)
     return Tiles(zp, view.amax(-1), torch.logsumexp(view, -1), vocab)
 
@@ -422,6 +477,29 @@ def aranged(size: int, device) -> Tensor:
     return cached
 
 
+# Row chunks. The working memory of a row is estimated as WORK_BYTES_PER_COLUMN bytes per column
+# of its padded copy (fp32 copies and temporaries, a full sort's values and int64 indices).
+WORK_BYTES_PER_COLUMN = 32
+CHUNK_MIN_BYTES = 4 << 20
+CHUNK_MAX_BYTES = 64 << 20
+
+
+def row_chunks(x: Tensor, rows: Optional[int] = None) -> list:
+    """``(start, stop)`` bounds of the row chunks for ``[R, V]`` logits ``x`` (``rows``: how many of
+    its rows are computed, default all): each chunk's working memory is about a quarter of ``x``'s
+    size, within ``[CHUNK_MIN_BYTES, CHUNK_MAX_BYTES]``, and holds at least two rows."""
+    rows = x.shape[0] if rows is None else rows
+    width = -(-x.shape[1] // NOISE_TILE) * NOISE_TILE
+    budget = min(CHUNK_MAX_BYTES, max(CHUNK_MIN_BYTES, x.numel() * x.element_size() // 4))
+    per = max(2, budget // (width * WORK_BYTES_PER_COLUMN))
+    if per >= rows:
+        return [(0, rows)]
+    bounds = list(range(0, rows, per)) + [rows]
+    if bounds[-1] - bounds[-2] < 2:
+        del bounds[-2]  # no single-row chunk
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def sample_rows(x: Tensor, params: RowParams, offset: int) -> tuple[Tensor, Tiles]:
     """Tokens of the rows of ``x`` (any float dtype, [n, V]) and the tile statistics they came from."""
     t = params.tempering()
@@ -447,9 +525,22 @@ def sample(logits2d: Tensor, temperature: Param, top_k: Param, top_p: Param, min
         empty = torch.empty(0, device=device)
         return empty.long(), empty, empty.bool()
     params = RowParams(rows, vocab, device, temperature, top_k, top_p, min_p, seed, top_p_mode=top_p_mode)
-    tokens, tiles = sample_rows(logits2d, params, offset)
-    probs = tiles.prob_of(tokens) if return_probs else torch.empty(0, device=device)
-    return tokens, probs, tiles.bad()
+    chunks = row_chunks(logits2d)
+    if len(chunks) == 1:
+        tokens, tiles = sample_rows(logits2d, params, offset)
+        probs = tiles.prob_of(tokens) if return_probs else torch.empty(0, device=device)
+        return tokens, probs, tiles.bad()
+    tokens = torch.empty(rows, dtype=torch.int64, device=device)
+    probs = torch.empty(rows if return_probs else 0, dtype=torch.float32, device=device)
+    bad = torch.empty(rows, dtype=torch.bool, device=device)
+    for start, stop in chunks:
+        part, tiles = sample_rows(logits2d[start:stop], params.chunk(start, stop), offset)
+        tokens[start:stop] = part
+        if return_probs:
+            probs[start:stop] = tiles.prob_of(part)
+        bad[start:stop] = tiles.bad()
+        del tiles
+    return tokens, probs, bad
 
 
 def filter_logits(logits2d: Tensor, top_k: Param, top_p: Param, min_p: Param,
@@ -461,7 +552,18 @@ def filter_logits(logits2d: Tensor, top_k: Param, top_p: Param, min_p: Param,
     if rows == 0:
         return logits2d.clone(), bad
     params = RowParams(rows, vocab, device, (None, 1.0), top_k, top_p, min_p, (None, 0), top_p_mode=top_p_mode)
-    theta = filter_threshold(logits2d, torch.ones(rows, dtype=torch.float32, device=device), params)
-    if theta is None:
-        return logits2d.clone(), bad
-    return logits2d.masked_fill(logits2d < theta[:, None], NEG_INF), bad
+    chunks = row_chunks(logits2d)
+    if len(chunks) == 1:
+        theta = filter_threshold(logits2d, torch.ones(rows, dtype=torch.float32, device=device), params)
+        if theta is None:
+            return logits2d.clone(), bad
+        return logits2d.masked_fill(logits2d < theta[:, None], NEG_INF), bad
+    out = logits2d.clone()
+    for start, stop in chunks:
+        x = logits2d[start:stop]
+        theta = filter_threshold(x, torch.ones(stop - start, dtype=torch.float32, device=device),
+                                 params.chunk(start, stop))
+        if theta is None:
+            break  # no row filters (the same for every chunk)
+        out[start:stop].masked_fill_(x < theta[:, None], NEG_INF)
+    return out, bad
