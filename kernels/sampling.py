@@ -20,6 +20,9 @@ Layout of the work:
 * Filtered ``sample`` never writes a filtered tensor; ``filter_logits`` adds one masked copy.
 
 All offsets into the logits are int64 (``row * stride`` passes 2^31 at large B x V).
+Exponentials are taken of differences to a maximum, subtracted before any scaling by
+``log2(e) / T``: any finite fp32 logit is sampled (``x * log2(e)`` would overflow above
+FLT_MAX / log2(e)), and a probability never exceeds 1 (the top token's term is exactly 1).
 """
 
 import triton
@@ -195,7 +198,9 @@ def _merge_stats(m, s, t1, m2, tile_m, tile_s, tile_t1, tile_m2):
     c_run = tl.where(m > _NEG_INF, tl.exp(d_run), 0.0)
     c_tile = tl.where(tile_m > _NEG_INF, tl.exp(d_tile), 0.0)
     new_s = s * c_run + tile_s * c_tile
-    new_t1 = c_run * (t1 + d_run * s) + c_tile * (tile_t1 + d_tile * tile_s)
+    # A side whose weight underflows to 0 adds nothing (d * s may overflow: 0 * -inf).
+    new_t1 = (tl.where(c_run > 0.0, c_run * (t1 + d_run * s), 0.0)
+              + tl.where(c_tile > 0.0, c_tile * (tile_t1 + d_tile * tile_s), 0.0))
     new_m2 = tl.maximum(tl.maximum(tl.minimum(m, tile_m), m2), tile_m2)
     return new_m, new_s, new_t1, new_m2
 
@@ -261,8 +266,12 @@ def _second_max(x):
 @triton.jit
 def _block_sums(x, m_safe, scale, WANT_T1: tl.constexpr):
     """sum exp(z - max z) of ``z = x * scale`` over a 2-D block and (``WANT_T1``) sum
-    exp(z - max z) (z - max z), given the block's max ``m_safe`` of x (0 for an empty block)."""
-    y = x * (scale * LOG2E) - m_safe * (scale * LOG2E)  # log2 of exp(z - max z): one FFMA
+    exp(z - max z) (z - max z), given the block's max ``m_safe`` of x (0 for an empty block).
+
+    The max is subtracted before scaling: ``x * log2(e)`` would overflow for finite logits above
+    FLT_MAX / log2(e), and two large rounded products would put an error of ulp(x / T) into
+    every term (probabilities above 1 at low temperature). The max's own term is exactly 1."""
+    y = (x - m_safe) * (scale * LOG2E)  # log2 of exp(z - max z)
     if WANT_T1:
         y = tl.maximum(y, -3.0e38)  # keep 0 * y finite where x is -inf
     e = tl.exp2(y)
@@ -466,10 +475,11 @@ def _chunk_merge(m, s, t1, m2, mz, lse, t1_t, m2z, live):
     c_m = tl.max(mz, 0)
     c_safe = tl.where(c_m == _NEG_INF, 0.0, c_m)
     c_s = tl.sum(tl.where(finite, tl.exp(lse - c_safe), 0.0), 0)
-    # T1 of a tile is relative to its own max: shift it to the chunk's.
+    # T1 of a tile is relative to its own max: shift it to the chunk's (a tile whose weight
+    # underflows to 0 adds nothing: its shift times its sum may overflow).
     w = tl.where(finite, tl.exp(mz - c_safe), 0.0)
     s_t = tl.where(finite, tl.exp(lse - tl.where(finite, mz, 0.0)), 0.0)
-    c_t1 = tl.sum(tl.where(finite, w * (t1_t + (mz - c_safe) * s_t), 0.0), 0)
+    c_t1 = tl.sum(tl.where(w > 0.0, w * (t1_t + (mz - c_safe) * s_t), 0.0), 0)
     lo = tl.full(mz.shape, _NEG_INF, tl.float32)
     _, top2 = tl.reduce((mz, lo), 0, _top2_combine)
     c_m2 = tl.maximum(top2, tl.max(tl.where(live, m2z, _NEG_INF), 0))
@@ -619,7 +629,9 @@ def _finalize_kernel(
                 if CONF_RAW:
                     z_pick = tl.load(row_ptr + pick).to(tl.float32)
                 else:
-                    z_pick = tl.load(row_ptr + pick).to(tl.float32) / temp
+                    # Scaled as the tile maxima (x * (1 / T)): the top token's z_pick - c_max is
+                    # exactly 0 and c_s >= 1, so the probability never exceeds 1.
+                    z_pick = tl.load(row_ptr + pick).to(tl.float32) * inv_t
             conf = _stats_confidence(CONFIDENCE, z_pick, tl.where(c_m > _NEG_INF, c_m, 0.0), c_s, c_t1, c_m2)
             if CONFIDENCE == 0:
                 for i in tl.static_range(NUM_CONF_SUPPRESS):
@@ -1019,9 +1031,10 @@ def _append_candidates(x, offs, start, bound, count_ptr, cand_ptr, CAP: tl.const
 
 @triton.jit
 def _raw_block_stats(x, ref2, s, t1, m1, m2, WANT_T1: tl.constexpr, WANT_M2: tl.constexpr):
-    """Add a block to the running raw-logit statistics relative to a fixed maximum (``ref2`` is
-    it times log2(e)): sum exp(x - max), sum exp(x - max)(x - max), the top two of x."""
-    y = x * LOG2E - ref2
+    """Add a block to the running raw-logit statistics relative to a fixed maximum ``ref2``:
+    sum exp(x - max), sum exp(x - max)(x - max), the top two of x. The maximum is subtracted
+    before scaling by log2(e) (``x * log2(e)`` overflows above FLT_MAX / log2(e))."""
+    y = (x - ref2) * LOG2E
     if WANT_T1:
         y = tl.maximum(y, -3.0e38)  # keep 0 * y finite where x is -inf
     e = tl.exp2(y)
@@ -1074,7 +1087,7 @@ def _collect_kernel(
             first = (item - slot * parts) * per_part
             last = tl.minimum(first + per_part, num_blocks)
             conf_max = tl.load(st + STATE_CONF_MAX)
-            ref2 = tl.where(conf_max > _NEG_INF, conf_max, 0.0) * LOG2E
+            ref2 = tl.where(conf_max > _NEG_INF, conf_max, 0.0)
             zero = tl.zeros([], tl.float32)
             raw = (zero, zero, zero + _NEG_INF, zero + _NEG_INF)
             for block in range(first, tl.minimum(last, num_full)):
