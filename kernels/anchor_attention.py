@@ -38,6 +38,12 @@ Design
   Both recompute P from the saved log-sum-exp; nothing of size Q x KV is ever stored.
 * Batch/head offsets are int64. Dropped rows load dO as zero and are masked out of P, so they give
   exactly zero dq and contribute nothing to dk/dv, and their output is exactly zero (never NaN).
+* Non-finite keys and values reach only the rows that see them. Scores are masked with
+  ``tl.where``; in the masked tiles (a key tile a row only partly sees) the non-finite K / V
+  entries are zeroed before the products that would give ``0 * NaN``, and a row that does see one
+  there gets a NaN weight (its whole output row is NaN, also for an inf) or a NaN / non-finite dS
+  (its dq row). dS is zero off the live keys, so the keys no kept row sees get exactly zero dk/dv.
+  The unmasked tiles are unchanged.
 """
 
 from __future__ import annotations
@@ -169,11 +175,33 @@ def _load_key_tile(X, pos, n_ok, stride_n, stride_d, HEAD_DIM: tl.constexpr, TRA
 
 
 @triton.jit
+def _finite(x):
+    """Elementwise: x is neither NaN nor +-inf."""
+    return tl.abs(x) < float("inf")
+
+
+@triton.jit
+def _bad_keys(ok, AXIS: tl.constexpr):
+    """[BLOCK_N] flag: the key's loaded row holds a non-finite entry (``ok`` False somewhere along
+    its head-dim ``AXIS``)."""
+    return tl.max(tl.where(ok, 0, 1), AXIS) != 0
+
+
+@triton.jit
 def _fwd_step(acc, l_i, m_i, q, kT, v, live, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key tile of the online softmax (scores in base-2 units)."""
+    """One key tile of the online softmax (scores in base-2 units).
+
+    In a masked tile a zero weight would meet the values of keys the row must not see
+    (``0 * NaN = NaN``): the non-finite values are zeroed for the product, and a row that does see
+    one gets a NaN weight on that key, so all of its ``acc`` is NaN (its output is NaN; an inf value
+    gives NaN, not inf). Its l and m stay finite, as without the zeroing.
+    """
     s = _mm(q, kT, None, DOT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where(live, s, float("-inf"))
+        v_ok = _finite(v)
+        bad = _bad_keys(v_ok, 1)
+        v = tl.where(v_ok, v, 0.0)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
         # A row with nothing live so far keeps m = -inf; subtract 0 instead (no inf - inf).
@@ -184,18 +212,29 @@ def _fwd_step(acc, l_i, m_i, q, kT, v, live, qk_scale, MASKED: tl.constexpr, DOT
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    if MASKED:
+        p = tl.where(live & bad[None, :], float("nan"), p)
     acc = _mm(p.to(v.dtype), v, acc, DOT_PRECISION)
     return acc, l_i, m_new
 
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, kT, vT, live, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key tile of dq: P from the saved log-sum-exp, dS = P * (dO V^T - delta), dq += dS K."""
-    p = tl.exp2(_mm(q, kT, None, DOT_PRECISION) * qk_scale - lse[:, None])
-    if MASKED:
-        p = tl.where(live, p, 0.0)
+    """One key tile of dq: P from the saved log-sum-exp, dS = P * (dO V^T - delta), dq += dS K.
+
+    In a masked tile the keys and values the row must not see are kept out as in the forward:
+    dS is zero off the live keys (a non-finite value only reaches dP, a non-finite key the scores)
+    and the non-finite keys are zeroed for dS K. A row that sees a non-finite key (its score is not
+    finite) gets a NaN dS there, so all of its dq is NaN; one that sees a non-finite value gets it
+    through dP.
+    """
+    s = _mm(q, kT, None, DOT_PRECISION) * qk_scale
+    p = tl.exp2(s - lse[:, None])
     dp = _mm(do, vT, None, DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if MASKED:
+        ds = tl.where(live, tl.where(_finite(s), ds, float("nan")), 0.0)
+        kT = tl.where(_finite(kT), kT, 0.0)
     return _mm(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
 
 
@@ -443,14 +482,19 @@ def _bwd_dkdv_rows(
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         pT = tl.exp2(_mm(k, qT, None, DOT_PRECISION) * qk_scale - lse[None, :])
         if MODE == 0:
-            pT = tl.where((offs_n[:, None] < row_anchor[None, :]) & m_ok[None, :], pT, 0.0)
+            pT_live = (offs_n[:, None] < row_anchor[None, :]) & m_ok[None, :]
+            pT = tl.where(pT_live, pT, 0.0)
         elif MODE == 2:
-            pT = tl.where((k_blk[:, None] == q_blk[None, :]) & kept[None, :], pT, 0.0)
+            pT_live = (k_blk[:, None] == q_blk[None, :]) & kept[None, :]
+            pT = tl.where(pT_live, pT, 0.0)
         # MODE 1 needs no mask: its rows all see the whole tile, and a padding row (past row_hi)
         # has q = 0, lse = 0, dO = 0 and delta = 0, so it adds exactly zero below.
         dv = _mm(pT.to(do.dtype), do, dv, DOT_PRECISION)
         dpT = _mm(v, tl.trans(do), None, DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
+        if MODE != 1:
+            # A NaN value (dpT) or a NaN row (delta) must not reach the keys a row does not see.
+            dsT = tl.where(pT_live, dsT, 0.0)
         dk = _mm(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
     return dk, dv
 

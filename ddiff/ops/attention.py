@@ -257,11 +257,15 @@ def anchor_attention(
     scale : float, optional
         Softmax scale; default ``D ** -0.5``.
     backend : str
-        ``"torch"``: SDPA with the dense ``[B, 1, N*bs, S + N*bs]`` mask while every key and
-        value is finite (one host check), else the reference, one SDPA per (batch row, block)
+        ``"torch"``: SDPA with the dense ``[B, 1, N*bs, S + N*bs]`` mask while every query,
+        key and value is finite (one host check), else the reference, one SDPA per (batch row, block)
         over exactly the keys that block sees: a NaN / inf key or value a block must not see never
-        reaches it. Small sizes only. (The triton kernels skip whole invisible key tiles and mask scores, but a non-finite
-        *value* inside a key tile that a block partly sees still reaches it, as ``0 * NaN``.) ``"flex"``: FlexAttention with :func:`anchor_mask_mod` and a compiled
+        reaches it. Small sizes only. The triton kernels keep it out too (invisible key tiles are
+        skipped, scores masked, and in a key tile a block only partly sees the non-finite keys and
+        values are zeroed before the products), in the output and in every gradient. On both, a row
+        that does see a non-finite key or value gets a non-finite output (on triton an inf may give
+        NaN), and the keys no kept block sees get exactly zero dk / dv. ``"flex"``:
+        FlexAttention with :func:`anchor_mask_mod` and a compiled
         ``create_block_mask`` (eager on CPU, where FlexAttention has no backward). ``"triton"``: the
         fused kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``). ``"auto"``: triton on CUDA,
         torch otherwise.
@@ -295,9 +299,9 @@ def anchor_attention(
         return triton_anchor_attention(q, k, v, anchors, keep, context_len, block_size, scale)
     if backend == "flex":
         return _flex_anchor_attention(q, k, v, anchors, keep, context_len, block_size, scale)
-    # The dense mask is exact while every key and value is finite (one check, then one SDPA);
+    # The dense mask is exact while every query, key and value is finite (one check, one SDPA);
     # otherwise the per-block reference keeps what a block must not see out of it.
-    finite = bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())
+    finite = all(bool(torch.isfinite(t).all()) for t in (q, k, v))
     torch_path = anchor_attention_dense if finite else anchor_attention_reference
     return torch_path(q, k, v, anchors, context_len=context_len, block_size=block_size, keep=keep, scale=scale)
 

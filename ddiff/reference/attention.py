@@ -92,10 +92,15 @@ def anchor_attention_reference(
             q_rows = slice(n * block_size, (n + 1) * block_size)
             own = slice(context_len + n * block_size, context_len + (n + 1) * block_size)
             seen = [slice(0, int(anchor_rows[b][n])), own]
+            qb = q[b:b + 1, :, q_rows]
             kb = torch.cat([k[b:b + 1, :, s] for s in seen], dim=2)
             vb = torch.cat([v[b:b + 1, :, s] for s in seen], dim=2)
-            out = F.scaled_dot_product_attention(q[b:b + 1, :, q_rows], kb, vb, scale=scale)
-            if keep_rows is not None and not keep_rows[b][n]:
+            dropped = keep_rows is not None and not keep_rows[b][n]
+            if dropped:  # finite stand-ins: a zero upstream gradient times a NaN would still be NaN
+                qb, kb, vb = (torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+                              for t in (qb, kb, vb))
+            out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
+            if dropped:
                 # where, not a multiply: exact zeros and zero gradients, with every input still in
                 # the graph (a step whose blocks are all dropped still reaches every parameter).
                 out = torch.where(torch.zeros((), dtype=torch.bool, device=out.device), out, torch.zeros_like(out))
