@@ -324,3 +324,18 @@ def test_unchecked_device_suppress_ids_are_ignored_by_both_backends(monkeypatch)
                     tokens, conf, _ = op(*call)
                 assert tokens.tolist() == expect[0].tolist(), (backend, ids)
                 torch.testing.assert_close(conf, expect[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_filter_logits_invalid_rows_are_nan_with_checks_off(backend):
+    """Item 2: with the checks off an invalid row of ``filter_logits`` comes back all NaN on both
+    backends (triton used to write finite values), so ``udlm_step`` after it flags the row."""
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(0))
+    logits[1, 5] = float("nan")
+    logits[2, 7] = float("inf")
+    logits[3] = float("-inf")
+    with ddiff.sync_checks(False):
+        out = ddiff.filter_logits(logits, top_p=0.9, backend=backend)
+        x = ddiff.udlm_step(out[None], torch.zeros(1, 4, dtype=torch.long), 0.5, 0.9, seed=0, backend=backend)
+    assert torch.isnan(out[1:]).all() and not torch.isnan(out[0]).any()
+    assert x[0].tolist()[1:] == [-1, -1, -1] and int(x[0, 0]) >= 0

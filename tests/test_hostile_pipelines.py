@@ -133,8 +133,9 @@ def test_uniform_pipeline_raises_on_flagged_rows_with_checks_off(monkeypatch, ch
         pipe(batch_size=2, seq_len=8, num_inference_steps=3, seed=0, progress=False, output_type="ids")
 
 
+@pytest.mark.parametrize("top_p", [None, 0.9])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_uniform_pipeline_raises_on_nan_logits_with_the_real_ops(checks_off_in_token_diffusion, backend):
+def test_uniform_pipeline_raises_on_nan_logits_with_the_real_ops(checks_off_in_token_diffusion, backend, top_p):
     """Item 2 end to end: ``ddiff.udlm_step`` flags invalid rows with the checks off (the ops'
     side), and the pipeline raises on them: NaN logits never come back as random tokens."""
     logits = torch.zeros(1, 2, 4)
@@ -144,8 +145,8 @@ def test_uniform_pipeline_raises_on_nan_logits_with_the_real_ops(checks_off_in_t
     assert int(flagged[0, 1]) == -1 and int(flagged[0, 0]) >= 0
     pipe = TokenDiffusionPipeline(Stub(11, [(1, 6)]), process="uniform", mask_token_id=None, vocab_size=11,
                                   backend=backend)
-    with pytest.raises(ValueError, match=r"at step 0, .* at batch 1, position 6 held NaN"):
-        pipe(batch_size=2, seq_len=8, num_inference_steps=3, seed=0, progress=False, output_type="ids")
+    with pytest.raises(ValueError, match=r"at step 0, .* at batch 1, position 6 held NaN"):  # top_p: filter_logits
+        pipe(batch_size=2, seq_len=8, num_inference_steps=3, seed=0, progress=False, output_type="ids", top_p=top_p)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -51,6 +51,12 @@ def _locate_invalid_rows(leading_shape):
         raise InvalidLogitsError(error.row, leading_shape) from None
 
 
+def _nan_invalid_rows(filtered: Tensor, bad: Tensor) -> Tensor:
+    """With the checks off, an invalid row of ``filter_logits`` comes back all NaN on both backends,
+    so the op it feeds flags it in turn (the checks on, it has raised already)."""
+    return filtered if eager() else filtered.masked_fill_(bad[:, None], float("nan"))
+
+
 def flag_invalid_rows(bad: Tensor, tokens: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     """Mark invalid rows as the kernels do (token -1, value NaN), for callers that skip checks."""
     return torch.where(bad, -1, tokens), torch.where(bad, float("nan"), values)
@@ -106,7 +112,7 @@ def _filter_torch(logits: Tensor, top_k: Optional[Tensor], top_k_value: int, top
     filtered, bad = torch_fast.filter_logits(logits, (top_k, top_k_value), (top_p, top_p_value), (min_p, min_p_value),
                                              top_p_mode)
     _raise_invalid_rows(bad)
-    return filtered
+    return _nan_invalid_rows(filtered, bad)
 
 
 @_filter_torch.register_fake
@@ -213,6 +219,7 @@ def filter_logits(logits: Tensor, top_k=None, top_p=None, min_p=None, *, top_p_m
     else:
         out, bad = torch.ops.ddiff.filter_logits_triton(logits2d, k[0], k[1], p[0], p[1], m[0], m[1], top_p_mode)
         _raise_invalid_rows(bad.bool(), logits.shape[:-1])
+        out = _nan_invalid_rows(out, bad.bool())
     return out.view(logits.shape)
 
 
